@@ -1,0 +1,155 @@
+"""Helpers shared by every method: reading batches out of any data source, restoring a model on
+failure, switching train/eval mode temporarily, and progress bars."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+DEFAULT_BATCH_SIZE = 128
+
+
+def as_batches(data, batch_size: int | None = None, *, name: str = "data", shuffle: bool = False,
+               generator: torch.Generator | None = None) -> Iterable:
+    """An iterable of batches from a DataLoader (used as is), a Dataset, or a tensor.
+
+    A tensor is one sample per row: it is split into batches of `batch_size` (default: the whole
+    tensor is one batch when batch_size is None and it has at most DEFAULT_BATCH_SIZE rows, else
+    DEFAULT_BATCH_SIZE).  A Dataset is wrapped in a DataLoader with `batch_size` (default 128).
+    """
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size: must be a positive int, got {batch_size!r}")
+    if isinstance(data, torch.Tensor):
+        if data.dim() < 1 or data.shape[0] == 0:
+            raise ValueError(f"{name}: is empty (shape {tuple(data.shape)})")
+        bs = batch_size or DEFAULT_BATCH_SIZE
+        return DataLoader(TensorDataset(data), batch_size=bs, shuffle=shuffle, generator=generator)
+    if isinstance(data, DataLoader):
+        if batch_size is not None:
+            raise ValueError(f"batch_size: cannot re-batch a DataLoader ({name}); set its batch_size instead")
+        return data
+    if isinstance(data, Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        if len(data) == 0:
+            raise ValueError(f"{name}: the dataset is empty")
+        return DataLoader(data, batch_size=batch_size or DEFAULT_BATCH_SIZE, shuffle=shuffle, generator=generator)
+    if isinstance(data, Iterable):
+        return data
+    raise TypeError(f"{name}: expected a DataLoader, Dataset or tensor, got {type(data).__name__}")
+
+
+def batch_input(batch, *, name: str = "data") -> torch.Tensor:
+    """The model input of a batch: the batch itself if it is a tensor, else its first element."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, dict):
+        for key in ("input", "inputs", "x", "image", "images"):
+            if key in batch:
+                return batch[key]
+    raise TypeError(f"{name}: cannot find the input tensor in a batch of type {type(batch).__name__}")
+
+
+def batch_labels(batch, *, name: str = "data") -> torch.Tensor:
+    """The labels of a batch: the last element of an (x, y) or (x, ..., y) batch."""
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[-1], torch.Tensor):
+        return batch[-1]
+    if isinstance(batch, dict):
+        for key in ("label", "labels", "y", "target", "targets"):
+            if key in batch:
+                return batch[key]
+    raise ValueError(f"{name}: batches carry no labels; expected (x, y) or (x, ..., y) batches")
+
+
+def first_batch(batches: Iterable, *, name: str = "data"):
+    """The first batch of an iterable, raising a clear error when it yields nothing."""
+    for batch in batches:
+        return batch
+    raise ValueError(f"{name}: yields no batches (empty)")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def trainable_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def check_logits(out, batch_size: int, *, name: str = "model") -> torch.Tensor:
+    """The model output must be a [B, K] tensor of logits."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{name}: must return a [B, K] tensor of logits, returned {type(out).__name__}")
+    if out.dim() != 2 or out.shape[0] != batch_size:
+        raise ValueError(f"{name}: must return a [B, K] tensor of logits with B={batch_size}, "
+                         f"returned shape {tuple(out.shape)}")
+    return out
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+
+
+@contextlib.contextmanager
+def restore_on_failure(model: torch.nn.Module) -> Iterator[None]:
+    """Snapshot parameters and buffers; if the body raises anything (KeyboardInterrupt included),
+    put every value back bitwise and re-raise.  Costs one copy of the model's state."""
+    saved = _snapshot(model)
+    training = {m: m.training for m in model.modules()}
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            current = model.state_dict(keep_vars=True)
+            for k, v in saved.items():
+                current[k].data.copy_(v)
+        for p in model.parameters():
+            p.grad = None
+        for m, flag in training.items():
+            m.training = flag
+        raise
+
+
+@contextlib.contextmanager
+def module_mode(model: torch.nn.Module, training: bool | None) -> Iterator[None]:
+    """Run the body with every module in train (True) or eval (False) mode, then restore each
+    module's own flag.  None leaves the modes untouched."""
+    saved = {m: m.training for m in model.modules()}
+    if training is not None:
+        model.train(training)
+    try:
+        yield
+    finally:
+        for m, flag in saved.items():
+            m.training = flag
+
+
+def params_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def progress(iterable, *, enabled: bool, desc: str, total: int | None = None, leave: bool = False):
+    """tqdm around `iterable` when enabled, else the iterable itself."""
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    if total is None:
+        try:
+            total = len(iterable)
+        except TypeError:
+            total = None
+    return tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True)
