@@ -1,0 +1,21 @@
+"""Shared test configuration."""
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(params=["compiled", "torch"])
+def backend(request):
+    """Run a test once per tier: the compiled kernels (skipped if not built) and pure PyTorch."""
+    from jit_unlearn import _backend
+
+    if request.param == "compiled" and not _backend.has_kernel("cpu"):
+        pytest.skip("compiled CPU kernels not built")
+    _backend.force_backend(request.param)
+    yield request.param
+    _backend.force_backend(None)
