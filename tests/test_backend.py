@@ -1,0 +1,133 @@
+"""The tier machinery: which backend runs, forcing the fallback, working without the extension,
+and the build promises (CUDA compiled in when requested, the CMake build registers the ops)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import jit_unlearn
+from jit_unlearn import _backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = ("perturb", "lipschitz_ratio", "_lipschitz_ratio_backward", "accumulate_importance_", "ssd_dampen_",
+       "masked_reset_")
+
+
+def _run(code: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("JIT_UNLEARN_BACKEND", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_backend_info_reports_tiers():
+    info = jit_unlearn.backend_info()
+    assert set(info) >= {"extension_loaded", "compiled_cpu", "compiled_cuda", "cuda_available", "requested",
+                         "active"}
+    assert info["active"]["cpu"] == ("cpu" if info["compiled_cpu"] else "torch")
+    if not torch.cuda.is_available():
+        assert info["active"]["cuda"] is None
+
+
+def test_force_backend_torch_and_back():
+    jit_unlearn.force_backend("torch")
+    try:
+        assert _backend.backend_name("cpu") == "torch"
+        assert jit_unlearn.backend_info()["requested"] == "torch"
+    finally:
+        jit_unlearn.force_backend(None)
+    with pytest.raises(ValueError, match="backend"):
+        jit_unlearn.force_backend("fortran")
+
+
+def test_env_variable_forces_fallback():
+    res = _run("""
+        import jit_unlearn, torch
+        print(jit_unlearn.backend_info()["active"]["cpu"])
+        x_t, n = jit_unlearn.ops.perturb(torch.ones(2, 3), 2, 0.1, seed=1)
+        print(tuple(x_t.shape), tuple(n.shape))
+    """, {"JIT_UNLEARN_BACKEND": "torch"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == ["torch", "(2, 2, 3) (2, 2)"]
+
+
+def test_package_works_without_extension():
+    """Block jit_unlearn._C at import: every op must still run, on the pure-PyTorch tier."""
+    res = _run("""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "jit_unlearn._C":
+                    raise ImportError("blocked for the test")
+        sys.meta_path.insert(0, Block())
+        import torch, jit_unlearn
+        from jit_unlearn import ops
+        info = jit_unlearn.backend_info()
+        assert not info["extension_loaded"] and info["active"]["cpu"] == "torch", info
+        x_t, n = ops.perturb(torch.randn(3, 4), 5, 0.5, seed=3)
+        out = torch.randn(3, 2, requires_grad=True)
+        r = ops.lipschitz_ratio(out, torch.randn(5, 3, 2), n)
+        r.sum().backward()
+        acc = [torch.zeros(4)]
+        ops.accumulate_importance_(acc, [torch.full((4,), 2.0)], "square", 1.0)
+        p = [torch.ones(3)]
+        c = ops.ssd_dampen_(p, [torch.tensor([1.0, 0.0, 4.0])], [torch.tensor([0.5, 1.0, 0.0])], 1.0, 1.0, 1.0)
+        ops.masked_reset_(p, [torch.zeros(3)], [torch.tensor([True, False, False])])
+        print(acc[0].tolist(), c.tolist(), p[0].tolist(), bool(torch.isfinite(out.grad).all()))
+    """)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[4.0, 4.0, 4.0, 4.0] [2] [0.0, 1.0, 0.0] True"
+
+
+def test_compiled_request_without_kernel_is_actionable():
+    if _backend.has_kernel("cpu"):
+        pytest.skip("compiled CPU kernels are present")
+    jit_unlearn.force_backend("compiled")
+    try:
+        with pytest.raises(RuntimeError, match="compiled"):
+            jit_unlearn.ops.perturb(torch.ones(1, 1), 1, 0.1)
+    finally:
+        jit_unlearn.force_backend(None)
+
+
+@pytest.mark.skipif(os.environ.get("FORCE_CUDA") != "1", reason="CUDA sources were not requested")
+def test_cuda_kernels_compiled_in_when_requested():
+    """With FORCE_CUDA=1 the build must contain a CUDA kernel for every op."""
+    assert _backend.extension_loaded(), _backend._LOAD_ERROR
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"jit_unlearn::{op}", "CUDA"), op
+
+
+def test_compiled_cpu_kernels_cover_every_op():
+    if not _backend.extension_loaded():
+        pytest.skip("extension not built")
+    missing = [op for op in OPS if not torch._C._dispatch_has_kernel_for_dispatch_key(f"jit_unlearn::{op}", "CPU")]
+    assert not missing, f"ops without a CPU kernel: {missing}"
+
+
+@pytest.mark.skipif(not os.environ.get("JIT_UNLEARN_CMAKE_LIB"), reason="no CMake-built library given")
+def test_cmake_build_registers_the_same_ops():
+    """The library CMake built (path in JIT_UNLEARN_CMAKE_LIB) registers every op with a CPU kernel,
+    and computes what the reference computes."""
+    res = _run(f"""
+        import torch
+        import importlib.util
+        torch.ops.load_library({os.environ['JIT_UNLEARN_CMAKE_LIB']!r})
+        # reference.py stands alone; loading it by path keeps the package's own _C out of this process.
+        spec = importlib.util.spec_from_file_location("ju_reference", {os.path.join(ROOT, "jit_unlearn", "reference.py")!r})
+        reference = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(reference)
+        for op in {OPS!r}:
+            assert torch._C._dispatch_has_kernel_for_dispatch_key("jit_unlearn::" + op, "CPU"), op
+        x = torch.randn(4, 6)
+        a, na = torch.ops.jit_unlearn.perturb(x, 3, 0.5, 7, 1, True)
+        b, nb = reference.perturb(x, 3, 0.5, 7, 1, True)
+        assert torch.equal(a, b) and torch.allclose(na, nb)
+        print("ok")
+    """, {"JIT_UNLEARN_BACKEND": "torch"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
