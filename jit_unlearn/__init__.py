@@ -10,6 +10,9 @@ import importlib
 
 from . import ops
 from ._backend import backend_info, force_backend
+# Imported eagerly: the submodule `importances` shares its name with the function, and a later
+# `import jit_unlearn.importances` must not rebind `jit_unlearn.importances` to the module.
+from .importances import Importances, importances
 
 __version__ = "0.1.0"
 

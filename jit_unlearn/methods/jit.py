@@ -1,0 +1,304 @@
+"""JiT: zero-shot Lipschitz unlearning (ALGORITHMS.md section 1), in its reference and default modes."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .. import _backend, ops
+from .._utils import as_batches, batch_input, check_logits, model_device, model_dtype, module_mode
+from .._utils import progress as _progress
+from .._utils import restore_on_failure
+from ..reference import opmath_dtype
+
+__all__ = ["jit", "JiTReport"]
+
+# One no-grad forward sees at most this many input elements (16 MiB of float32 input); with the
+# activations of a CIFAR ResNet-18 that keeps a chunk near 1 GiB, and digits/MNIST run unchunked.
+DEFAULT_MAX_BATCH_ELEMS = 1 << 22
+# A pair whose input difference norm is at most this (a perturbation clamped away entirely, e.g. a
+# constant batch) is dropped from the loss: there is no input change to compare the output with.
+_MIN_IN_NORM = 1e-12
+_MODES = ("default", "reference")
+_REDUCTIONS = ("sum", "mean")
+
+
+@dataclass
+class JiTReport:
+    """What a `jit` call did: optimizer steps (one per forget batch), forget samples seen, wall
+    seconds, the mean of the per-step losses, the op tier that ran ("cuda", "cpu" or "torch"),
+    and the mode."""
+
+    steps: int
+    samples: int
+    seconds: float
+    mean_loss: float
+    backend: str
+    mode: str
+
+
+def jit(model: nn.Module, forget, *, sigma: float, lr: float, num_samples: int = 25,
+        batch_size: int | None = None, mode: str = "default", seed: int = 0, reduction: str = "sum",
+        optimizer: torch.optim.Optimizer | None = None, max_batch_elems: int | None = None,
+        progress: bool = True) -> JiTReport:
+    """Unlearn `forget` from a classifier in place by making it locally Lipschitz around each sample.
+
+    Per forget batch x [B, ...] it draws `num_samples` (N) copies x~ = clamp(x + sigma * xi, min(x),
+    max(x)) (min/max over the whole batch), and takes one gradient step on
+        loss = (1/N) sum_n sum_i ||f(x_i) - f(x~_ni)||_2 / ||x_i - x~_ni||_2
+    (the perturbed outputs are constants).  One pass over the forget set, one step per batch;
+    labels are never read.
+
+    Args:
+        model: classifier returning logits [B, K]; float32/float64, or bfloat16/float16 with the
+            loss computed in float32.  Any train/eval mode; BatchNorm, Dropout and in-place ReLU work.
+        forget: DataLoader, Dataset or tensor [M, ...] of forget samples on the model's device.  A
+            batch is the input itself when it is a tensor, else its first element (so `x`, `(x, y)`
+            and `(x, _, y)` batches work).  Floating inputs are cast to the model's dtype.
+        sigma: noise standard deviation, > 0, in the units of the (normalised) input.
+        lr: learning rate of the plain SGD step, >= 0 (ignored when `optimizer` is given).
+        num_samples: N >= 1 perturbed copies per batch.
+        batch_size: batch size for a Dataset or tensor `forget` (default 128; the paper uses 128 for
+            full-class and random forgetting, 64 for sub-class); must be None for a DataLoader.
+        mode: "default" (the fixed method below) or "reference" (the published code).
+        seed: Philox seed of the default mode's noise; batch t uses stream offset t, so a run is
+            reproducible and draws the same noise on CPU and GPU.  Unused in reference mode.
+        reduction: "sum" over the batch (the paper's; published learning rates assume it) or
+            "mean" (divide by B).
+        optimizer: default mode only: a torch.optim.Optimizer over (some of) the model's
+            parameters, stepped instead of plain SGD; its state is restored if the run fails.
+        max_batch_elems: default mode only: input elements per no-grad forward of the N*B
+            perturbed samples (default 2^22); larger batches are split into chunks.
+        progress: show a tqdm bar over the forget batches.
+
+    Modes:
+        "default": every step runs with the whole model in eval mode (BatchNorm statistics frozen,
+            Dropout off; each module's own flag is restored afterwards), gradients are zeroed each
+            step, the noise comes from `ops.perturb`, the N*B perturbed samples go through the model
+            in one no-grad forward (chunked), and the loss is `ops.lipschitz_ratio`; pairs whose
+            input difference is zero are dropped instead of dividing by zero.  Gradients are
+            cleared (None) at the end.
+        "reference": the published implementation: the caller's train/eval mode is kept (in train
+            mode every perturbed pass updates BatchNorm statistics and Dropout is active); the N
+            perturbed passes run one by one, each drawing `torch.randn(x.shape)` from torch's
+            global CPU generator and moving it to the model's device (seed it with
+            `torch.manual_seed` to reproduce a run); gradients are zeroed once at the start and
+            then accumulate, so step t applies the sum of all gradients so far; plain SGD.  As in
+            the published code the accumulated gradients are left in `.grad` at the end.  Norms are
+            computed in float32 (float64 for float64 models).
+
+    Safety: the arguments, the first batch and the first output shape are checked before any
+    step; if anything fails (KeyboardInterrupt included) parameters and buffers are restored
+    bitwise; a step whose gradients are not finite raises FloatingPointError (restoring the model).
+
+    Hyper-parameters (published, as starting points; N = 25 throughout, forget batch 128 for
+    full-class and random, 64 for sub-class): VGG-class nets sigma=0.5, lr=3e-4 (full-class),
+    sigma=0.01, lr=3e-4 (sub-class, random); ViT sigma=0.8, lr=1.5 (full-class), sigma=1.5,
+    lr=0.5 (sub-class), sigma=0.5, lr=0.1 (random).  On scikit-learn digits (inputs in [0, 1]) an
+    MLP 64-256-256-10 forgets a full class with sigma=1.0, lr=0.1, batch 64, N=25 in default
+    mode (tests/test_jit.py).
+
+    Returns:
+        JiTReport(steps, samples, seconds, mean_loss, backend, mode).
+    """
+    start = time.perf_counter()
+    _check_args(model, sigma, lr, num_samples, mode, seed, reduction, optimizer, max_batch_elems, progress)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model: has no trainable parameters (requires_grad=True)")
+    device, dtype = model_device(model), model_dtype(model)
+    batches = as_batches(forget, batch_size, name="forget")
+    try:
+        total = len(batches)
+    except TypeError:
+        total = None
+    it = iter(batches)
+    first = next(it, None)
+    if first is None:
+        raise ValueError("forget: yields no batches (empty)")
+    _batch_x(first, device, dtype)  # fail on a bad first batch before anything changes
+    stream = _progress(itertools.chain([first], it), enabled=progress, desc="jit", total=total)
+    xs = (_batch_x(batch, device, dtype) for batch in stream)
+
+    with torch.enable_grad(), restore_on_failure(model), _restore_optimizer_on_failure(optimizer):
+        if mode == "reference":
+            steps, samples, loss_sum = _run_reference(model, xs, params, float(sigma), float(lr),
+                                                      num_samples, reduction)
+            backend = "torch"
+        else:
+            budget = DEFAULT_MAX_BATCH_ELEMS if max_batch_elems is None else max_batch_elems
+            steps, samples, loss_sum = _run_default(model, xs, params, float(sigma), float(lr), num_samples,
+                                                    seed, reduction, optimizer, budget)
+            backend = _backend.backend_name(device)
+    return JiTReport(steps=steps, samples=samples, seconds=time.perf_counter() - start,
+                     mean_loss=float(loss_sum) / steps, backend=backend, mode=mode)
+
+
+def _run_reference(model, xs, params, sigma, lr, num_samples, reduction):
+    """The published loop, operation for operation (ALGORITHMS.md section 1, reference)."""
+    sgd = torch.optim.SGD(params, lr=lr)
+    sgd.zero_grad()
+    steps = samples = 0
+    loss_sum = 0.0
+    for x in xs:
+        b = x.shape[0]
+        out = check_logits(model(x), b)
+        op = opmath_dtype(out.dtype)
+        lo, hi = x.min(), x.max()
+        loss = torch.zeros((), dtype=op, device=x.device)
+        for _ in range(num_samples):
+            noise = torch.randn(x.shape).to(x.device)
+            x2 = torch.clamp(x + noise * sigma, lo, hi).to(x.dtype)
+            with torch.no_grad():
+                out2 = check_logits(model(x2), b)
+            in_norm = torch.linalg.vector_norm((x - x2).flatten(1).to(op), dim=1)
+            out_norm = torch.linalg.vector_norm((out - out2).to(op), dim=1)
+            loss = loss + (out_norm / in_norm).sum()
+        loss = loss / num_samples
+        if reduction == "mean":
+            loss = loss / b
+        loss.backward()
+        _check_finite_grads(params, steps)
+        sgd.step()
+        steps, samples = steps + 1, samples + b
+        loss_sum += loss.item()
+    return steps, samples, loss_sum
+
+
+def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, optimizer, budget):
+    """Eval mode, fused noise, one chunked no-grad forward of all N*B perturbed samples, fused loss."""
+    opt = torch.optim.SGD(params, lr=lr) if optimizer is None else optimizer
+    updated = params if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
+    steps = samples = 0
+    loss_sum = None
+    with module_mode(model, False):
+        for x in xs:
+            b = x.shape[0]
+            for p in params:
+                p.grad = None
+            x_tilde, in_norm = ops.perturb(x, num_samples, sigma, seed, steps, True)
+            with torch.no_grad():
+                out2 = _chunked_forward(model, x_tilde.view(num_samples * b, *x.shape[1:]), budget)
+            out = check_logits(model(x), b)
+            out2 = out2.view(num_samples, b, out.shape[1])
+            in_norm = in_norm.masked_fill(in_norm <= _MIN_IN_NORM, 0.0)
+            loss = ops.lipschitz_ratio(out, out2, in_norm).sum() / num_samples
+            if reduction == "mean":
+                loss = loss / b
+            loss.backward()
+            _check_finite_grads(updated, steps)
+            opt.step()
+            if optimizer is not None and not _all_finite(updated):
+                raise FloatingPointError(f"optimizer: step {steps} wrote non-finite values into the "
+                                         "parameters; the model was restored")
+            steps, samples = steps + 1, samples + b
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    for p in params:
+        p.grad = None
+    return steps, samples, loss_sum.item()
+
+
+def _chunked_forward(model, x, budget):
+    """model(x) for x [R, ...] in chunks of at most `budget` input elements (at least one row)."""
+    rows = max(1, budget // max(1, x[0].numel()))
+    if x.shape[0] <= rows:
+        return check_logits(model(x), x.shape[0])
+    return torch.cat([check_logits(model(c), c.shape[0]) for c in x.split(rows)])
+
+
+def _all_finite(tensors) -> bool:
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _check_finite_grads(params, step):
+    if not _all_finite([p.grad for p in params]):
+        raise FloatingPointError(f"jit: non-finite gradients at step {step} (forget batch {step}); "
+                                 "the model was restored.  A smaller lr or a larger sigma may help")
+
+
+@contextlib.contextmanager
+def _restore_optimizer_on_failure(optimizer) -> Iterator[None]:
+    """Put a caller's optimizer state (momentum, Adam moments, step counts) back if the body raises."""
+    if optimizer is None:
+        yield
+        return
+    saved = copy.deepcopy(optimizer.state_dict())
+    try:
+        yield
+    except BaseException:
+        optimizer.load_state_dict(saved)
+        raise
+
+
+def _batch_x(batch, device, dtype) -> torch.Tensor:
+    x = batch_input(batch, name="forget")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"forget: the input of a batch must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"forget: inputs must be floating point to be perturbed, got {x.dtype}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"forget: a batch must be [B, ...] with B >= 1, got shape {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"forget: inputs are on {x.device} but the model is on {device}; "
+                         "move the data (or the model) to one device first")
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_real(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: must be finite, got {value}")
+
+
+def _check_args(model, sigma, lr, num_samples, mode, seed, reduction, optimizer, max_batch_elems, progress):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_real(sigma, "sigma")
+    if sigma <= 0:
+        raise ValueError(f"sigma: must be > 0, got {sigma}")
+    _check_real(lr, "lr")
+    if lr < 0:
+        raise ValueError(f"lr: must be >= 0, got {lr}")
+    if not _is_int(num_samples):
+        raise TypeError(f"num_samples: expected an int, got {type(num_samples).__name__}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
+    if mode not in _MODES:
+        raise ValueError(f"mode: expected one of {_MODES}, got {mode!r}")
+    if not _is_int(seed):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed: must be in [-2^63, 2^64), got {seed}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    if max_batch_elems is not None:
+        if not _is_int(max_batch_elems):
+            raise TypeError(f"max_batch_elems: expected an int or None, got {type(max_batch_elems).__name__}")
+        if max_batch_elems < 1:
+            raise ValueError(f"max_batch_elems: must be >= 1, got {max_batch_elems}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress: expected a bool, got {type(progress).__name__}")
+    if optimizer is not None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if mode == "reference":
+            raise ValueError("optimizer: mode='reference' always takes plain SGD steps with `lr`; "
+                             "pass optimizer=None or use mode='default'")
+        owned = {id(p) for p in model.parameters()}
+        if any(id(p) not in owned for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("optimizer: holds parameters that do not belong to `model`")

@@ -1,0 +1,320 @@
+"""Tests for jit_unlearn.importances: hand-computed values, the published batch semantics, per-sample
+gradients against a per-sample backward loop, and the on-disk cache."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import jit_unlearn as ju
+from jit_unlearn.importances import Importances, importances, model_fingerprint
+from jit_unlearn.models import MLP, SmallCNN
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: deterministic sums and no oversubscription on a shared machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _line(w: float, b: float) -> nn.Linear:
+    m = nn.Linear(1, 1).double()
+    with torch.no_grad():
+        m.weight.fill_(w)
+        m.bias.fill_(b)
+    return m
+
+
+def _loader(x, y=None, batch_size=2):
+    data = TensorDataset(x) if y is None else TensorDataset(x, y)
+    return DataLoader(data, batch_size=batch_size)
+
+
+# ---------------------------------------------------------------- hand computation
+
+def test_output_norm_by_hand_batch_and_per_sample():
+    # f(x) = w x + b with w = 0.5, b = -1; loss = mean_i f(x_i)^2, so dL/dw = mean 2 r x, dL/db = mean 2 r.
+    # Batches [1, 2] and [3]: residuals -0.5, 0 | 0.5.  Batch 1: dw = -0.5, db = -0.5; batch 2: dw = 3, db = 1.
+    model = _line(0.5, -1.0)
+    x = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
+    imp = importances(model, _loader(x), kind="output_norm", progress=False)
+    assert imp["weight"].item() == pytest.approx((0.5 + 3.0) / 2, abs=1e-15)
+    assert imp["bias"].item() == pytest.approx((0.5 + 1.0) / 2, abs=1e-15)
+    assert (imp.kind, imp.per_sample, imp.num_samples, imp.num_batches) == ("output_norm", False, 3, 2)
+    # per sample: g_w = 2 r x = -1, 0, 3; g_b = 2 r = -1, 0, 1
+    ps = importances(model, _loader(x), kind="output_norm", per_sample=True, progress=False)
+    assert ps["weight"].item() == pytest.approx(4.0 / 3, abs=1e-15)
+    assert ps["bias"].item() == pytest.approx(2.0 / 3, abs=1e-15)
+    assert (ps.per_sample, ps.num_samples, ps.num_batches) == (True, 3, 2)
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_fisher_by_hand(per_sample):
+    # Logits z = W x + b with W = 0, b = 0: softmax = (1/2, 1/2), dCE/dz = (p - onehot(y)).
+    # y = 0 -> dz = (-1/2, 1/2); y = 1 -> dz = (1/2, -1/2); dW = dz x, db = dz.
+    model = nn.Linear(1, 2).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    x = torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
+    y = torch.tensor([0, 1, 0])
+    imp = importances(model, _loader(x, y), per_sample=per_sample, progress=False)
+    if per_sample:  # samples: dW = +-(0.5, 1, 1.5), db = +-0.5
+        w, b = (0.25 + 1.0 + 2.25) / 3, 0.25
+    else:  # batch 1 mean: dW = (0.25, -0.25), db = 0; batch 2: dW = (-1.5, 1.5), db = (-0.5, 0.5)
+        w, b = (0.0625 + 2.25) / 2, 0.25 / 2
+    torch.testing.assert_close(imp["weight"], torch.full((2, 1), w, dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(imp["bias"], torch.full((2,), b, dtype=torch.float64), rtol=0, atol=1e-15)
+
+
+# ---------------------------------------------------------------- published batch semantics
+
+def _published_calc_importance(model, loader, label_free=False):
+    """Transcription of the published calc_importance (SSD, and LF-SSD when label_free)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    imps = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for batch in loader:
+        x = batch[0]
+        opt.zero_grad()
+        out = model(x)
+        if label_free:
+            loss = torch.norm(out, p="fro", dim=1).pow(2).mean()
+        else:
+            loss = nn.CrossEntropyLoss()(out, batch[-1])
+        loss.backward()
+        for (_, p), (_, imp) in zip(model.named_parameters(), imps.items()):
+            if p.grad is not None:
+                imp.data += p.grad.data.clone().abs() if label_free else p.grad.data.clone().pow(2)
+    for imp in imps.values():
+        imp.data /= float(len(loader))
+    return imps
+
+
+@pytest.mark.parametrize("kind", ["fisher", "output_norm"])
+def test_batch_pass_equals_published_bitwise(kind):
+    torch.manual_seed(0)
+    model = SmallCNN(width=4)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    x, y = torch.randn(37, 1, 8, 8), torch.randint(0, 10, (37,))  # partial last batch weighs as much
+    loader = _loader(x, y, batch_size=16)
+    expected = _published_calc_importance(model, loader, label_free=kind == "output_norm")
+    model.zero_grad(set_to_none=True)
+    imp = importances(model, loader, kind=kind, progress=False)
+    assert list(imp) == list(expected)
+    for n in expected:
+        assert torch.equal(imp[n], expected[n]), n
+    assert imp.num_batches == 3 and imp.num_samples == 37
+
+
+def test_eval_mode_buffers_and_grads_untouched():
+    torch.manual_seed(1)
+    model = SmallCNN(width=4)
+    model.train()
+    model.fc.eval()  # a module-level mix that must come back as it was
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sentinel = torch.full_like(model.fc.bias, 7.0)
+    model.fc.bias.grad = sentinel
+    x, y = torch.randn(10, 1, 8, 8), torch.randint(0, 10, (10,))
+    for per_sample in (False, True):
+        importances(model, _loader(x, y, 4), per_sample=per_sample, progress=False)
+    assert model.training and model.features.training and not model.fc.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # BatchNorm statistics were not updated
+    assert model.fc.bias.grad is sentinel and model.fc.weight.grad is None
+
+
+def test_parameters_without_gradient_get_zero():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(4, 3)
+            self.frozen = nn.Linear(3, 3)
+            self.unused = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.frozen(torch.relu(self.body(x)))
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    model.frozen.requires_grad_(False)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    for per_sample in (False, True):
+        imp = importances(model, _loader(x, y, 4), per_sample=per_sample, progress=False)
+        assert list(imp) == [n for n, _ in model.named_parameters()]
+        for n in ("frozen.weight", "frozen.bias", "unused.weight", "unused.bias"):
+            assert torch.count_nonzero(imp[n]) == 0, n
+        assert torch.count_nonzero(imp["body.weight"]) > 0
+
+
+def test_label_free_never_reads_labels():
+    torch.manual_seed(0)
+    model = MLP(8, (5,), 3)
+    x = torch.randn(9, 8)
+    bare = importances(model, x, kind="output_norm", batch_size=4, progress=False)
+    odd_labels = ((x[i:i + 4], ["not", "a", "label"]) for i in range(0, 9, 4))
+    tupled = importances(model, odd_labels, kind="output_norm", progress=False)
+    for n in bare:
+        assert torch.equal(bare[n], tupled[n])
+    assert bare.num_batches == 3 and bare.num_samples == 9
+
+
+# ---------------------------------------------------------------- per-sample (SSD-Det)
+
+class _Awkward(nn.Module):
+    """Linear layers the outer-product shortcut cannot take: one called twice, one fed [1, T, d]
+    per sample, one never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 5)
+        self.b = nn.Linear(5, 5)
+        self.c = nn.Linear(5, 3)
+        self.never = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = torch.tanh(self.b(h)) + torch.tanh(self.b(0.5 * h))
+        return self.c(h.view(h.shape[0], 1, 5)).squeeze(1)
+
+
+def _per_sample_loop(model, x, y, kind):
+    """One backward pass per sample: the definition of the per-sample importance."""
+    model.eval()
+    acc = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(x.shape[0]):
+        model.zero_grad(set_to_none=True)
+        out = model(x[i:i + 1])
+        loss = F.cross_entropy(out, y[i:i + 1]) if kind == "fisher" else out.pow(2).sum()
+        loss.backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                acc[n] += p.grad * p.grad if kind == "fisher" else p.grad.abs()
+    return {n: a / x.shape[0] for n, a in acc.items()}
+
+
+@pytest.mark.parametrize("kind", ["fisher", "output_norm"])
+@pytest.mark.parametrize("arch", ["mlp", "bn_cnn", "awkward"])
+def test_per_sample_equals_backward_loop(arch, kind):
+    torch.manual_seed(2)
+    if arch == "mlp":
+        model, x = MLP(16, (12, 8), 3), torch.randn(23, 16)
+    elif arch == "bn_cnn":
+        model, x = SmallCNN(width=4, num_classes=3), torch.randn(23, 1, 8, 8)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    else:
+        model, x = _Awkward(), torch.randn(23, 6)
+    model = model.double()
+    x = x.double()
+    y = torch.randint(0, 3, (23,))
+    expected = _per_sample_loop(model, x, y, kind)
+    # a small budget forces several chunks per batch
+    imp = importances(model, _loader(x, y, 10), kind=kind, per_sample=True, progress=False, max_batch_elems=300)
+    for n in expected:
+        torch.testing.assert_close(imp[n], expected[n], rtol=1e-10, atol=1e-14, msg=n)
+    # and it does not depend on the batching
+    other = importances(model, _loader(x, y, 23), kind=kind, per_sample=True, progress=False)
+    for n in expected:
+        torch.testing.assert_close(other[n], imp[n], rtol=1e-10, atol=1e-14)
+
+
+def test_per_sample_float32_matches_batch_size_one():
+    torch.manual_seed(3)
+    model = MLP(64, (32,), 10)
+    x, y = torch.randn(40, 64), torch.randint(0, 10, (40,))
+    ps = importances(model, _loader(x, y, 16), per_sample=True, progress=False)
+    ones = importances(model, _loader(x, y, 1), progress=False)  # batch mean over one sample each
+    for n in ps:
+        torch.testing.assert_close(ps[n], ones[n], rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- Importances container and cache
+
+def _small_imp():
+    torch.manual_seed(4)
+    model = MLP(8, (6,), 3)
+    x, y = torch.randn(12, 8), torch.randint(0, 3, (12,))
+    return model, importances(model, _loader(x, y, 5), progress=False)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_save_load_round_trip(tmp_path, suffix):
+    model, imp = _small_imp()
+    path = tmp_path / f"imp{suffix}"
+    imp.save(path)
+    back = Importances.load(path, model)
+    assert list(back) == list(imp)
+    for n in imp:
+        assert torch.equal(back[n], imp[n])
+    assert (back.kind, back.per_sample, back.num_samples, back.num_batches) == ("fisher", False, 12, 3)
+    assert back.fingerprint == imp.fingerprint == model_fingerprint(model)
+    assert not back.invalid
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_load_refuses_another_model(tmp_path, suffix):
+    _, imp = _small_imp()
+    path = tmp_path / f"imp{suffix}"
+    imp.save(path)
+    with pytest.raises(ValueError, match=r"path: made for another model \(shape mismatch \['1\.weight': importances \(6, 8\) vs model \(7, 8\)"):
+        Importances.load(path, MLP(8, (7,), 3))
+    with pytest.raises(ValueError, match=r"missing parameters \['5\.weight', '5\.bias'\]"):
+        Importances.load(path, MLP(8, (6, 6), 3))
+
+
+def test_load_rejects_foreign_files(tmp_path):
+    path = tmp_path / "state.pt"
+    torch.save(MLP(8, (6,), 3).state_dict(), path)
+    with pytest.raises(ValueError, match="not a jit_unlearn importances file"):
+        Importances.load(path)
+    from safetensors.torch import save_file
+
+    path = tmp_path / "state.safetensors"
+    save_file({"w": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="not a jit_unlearn importances file"):
+        Importances.load(path)
+
+
+def test_check_and_invalid_values():
+    model, imp = _small_imp()
+    imp.check(model)
+    with pytest.raises(ValueError, match=r"cache: made for another model .*parameters the model does not have"):
+        imp.check(nn.Sequential(nn.Flatten(), nn.Linear(8, 6)), name="cache")
+    bad = dict(imp)
+    bad["1.weight"] = imp["1.weight"].clone()
+    bad["1.weight"][0, 0] = float("nan")
+    bad["3.bias"] = -imp["3.bias"] - 1
+    assert Importances(bad, kind="fisher").invalid == ["1.weight", "3.bias"]
+
+
+def test_bad_arguments():
+    model = MLP(8, (6,), 3)
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    with pytest.raises(ValueError, match="kind"):
+        importances(model, _loader(x, y), kind="hessian", progress=False)
+    with pytest.raises(ValueError, match="loader: yields no batches"):
+        importances(model, iter([]), progress=False)
+    with pytest.raises(ValueError, match="loader: yields no batches"):
+        importances(model, _loader(x[:0], y[:0]), per_sample=True, progress=False)
+    with pytest.raises(ValueError, match="loader: batches carry no labels"):
+        importances(model, x, progress=False)
+    with pytest.raises(ValueError, match="max_batch_elems"):
+        importances(model, _loader(x, y), per_sample=True, max_batch_elems=0, progress=False)
+    with pytest.raises(TypeError, match="per_sample"):
+        importances(model, _loader(x, y), per_sample=1, progress=False)
+    frozen = MLP(8, (6,), 3).requires_grad_(False)
+    with pytest.raises(ValueError, match="model: has no parameter that requires grad"):
+        importances(frozen, _loader(x, y), progress=False)
+
+
+def test_public_names():
+    assert ju.importances is importances and ju.Importances is Importances

@@ -1,0 +1,419 @@
+"""Tests of jit_unlearn.jit: reference mode against a literal transcription of ALGORITHMS.md section 1,
+default mode against a plain-PyTorch composition, tiers, modes, chunking, forgetting, safety."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import jit_unlearn
+from jit_unlearn import _backend, jit, reference
+from jit_unlearn.data import digits
+from jit_unlearn.models import MLP, SmallCNN
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models here are tiny: one thread beats two (no OpenMP fork/join per op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_state_equal(model, saved):
+    now = model.state_dict()
+    assert now.keys() == saved.keys()
+    for k, v in saved.items():
+        assert torch.equal(now[k], v), k
+
+
+def _assert_state_close(a, b, rtol=1e-5, atol=1e-6):
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=rtol, atol=atol, msg=k)
+
+
+def _flags(model):
+    return [m.training for m in model.modules()]
+
+
+def _mlp(seed=0, dropout=0.2):
+    torch.manual_seed(seed)
+    return MLP(64, (32, 32), 10, dropout=dropout)
+
+
+def _cnn(seed=0):
+    torch.manual_seed(seed)
+    return SmallCNN(1, 10, width=8, dropout=0.2)
+
+
+def _forget(shape, n=40, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, *shape, generator=g)
+
+
+def _published_loop(model, loader, sigma, lr, n):
+    """ALGORITHMS.md section 1, reference semantics, written out literally."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt.zero_grad()
+    for batch in loader:
+        x = batch[0]
+        out = model(x)
+        k_sum = torch.tensor(0.0)
+        for _ in range(n):
+            lo, hi = x.min(), x.max()
+            x2 = torch.clamp(x + torch.randn(x.size()) * sigma, min=lo, max=hi)
+            with torch.no_grad():
+                out2 = model(x2)
+            num = torch.linalg.vector_norm(out - out2, dim=1)
+            den = torch.linalg.vector_norm(x.reshape(x.shape[0], -1) - x2.reshape(x2.shape[0], -1), dim=1)
+            k_sum = k_sum + (num / den).sum()
+        (k_sum / n).backward()
+        opt.step()
+
+
+def _fixed_loop(model, batches, sigma, lr, n, seed, reduction="sum"):
+    """Default semantics composed from plain PyTorch: eval mode, the reference Philox noise, N separate
+    forwards, autograd norms, zeroed gradients, p -= lr * grad."""
+    model.eval()
+    for t, x in enumerate(batches):
+        model.zero_grad(set_to_none=True)
+        x_tilde, _ = reference.perturb(x, n, sigma, seed, t, True)
+        out = model(x)
+        total = torch.zeros(())
+        for k in range(n):
+            with torch.no_grad():
+                out2 = model(x_tilde[k])
+            num = torch.linalg.vector_norm(out - out2, dim=1)
+            den = torch.linalg.vector_norm((x_tilde[k] - x).flatten(1), dim=1)
+            total = total + torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0).sum()
+        loss = total / n
+        if reduction == "mean":
+            loss = loss / x.shape[0]
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= lr * p.grad
+
+
+# ---------------------------------------------------------------- reference mode
+
+
+@pytest.mark.parametrize("make,shape", [(_mlp, (64,)), (_cnn, (1, 8, 8))], ids=["mlp", "cnn_bn_dropout"])
+def test_reference_matches_literal_transcription(make, shape):
+    ours, theirs = make().train(), make().train()
+    data = TensorDataset(_forget(shape), torch.zeros(40, dtype=torch.int64))
+    torch.manual_seed(123)
+    report = jit(ours, data, sigma=0.3, lr=0.05, num_samples=4, batch_size=16, mode="reference", progress=False)
+    torch.manual_seed(123)
+    _published_loop(theirs, DataLoader(data, batch_size=16), sigma=0.3, lr=0.05, n=4)
+    _assert_state_close(ours, theirs)  # parameters and BatchNorm running statistics
+    assert (report.steps, report.samples, report.mode, report.backend) == (3, 40, "reference", "torch")
+    # gradients accumulate across batches and are left in .grad, as in the published code
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_reads_triples_keeps_modes_and_clears_stale_grads():
+    ours, theirs = _cnn(), _cnn()
+    for m in (ours, theirs):
+        m.train()
+        m.features[1].eval()  # one BatchNorm in eval mode: the caller's mixed flags stay as they are
+        for p in m.parameters():
+            p.grad = torch.full_like(p, 7.0)  # stale gradients must not leak into the first step
+    x = _forget((1, 8, 8), n=24)
+    triples = DataLoader(TensorDataset(x, torch.zeros(24), torch.ones(24, dtype=torch.int64)), batch_size=8)
+    flags = _flags(ours)
+    torch.manual_seed(5)
+    jit(ours, triples, sigma=0.2, lr=0.1, num_samples=3, mode="reference", progress=False)
+    theirs.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    _published_loop(theirs, DataLoader(TensorDataset(x), batch_size=8), sigma=0.2, lr=0.1, n=3)
+    assert _flags(ours) == flags
+    _assert_state_close(ours, theirs)
+
+
+# ---------------------------------------------------------------- default mode
+
+
+@pytest.mark.parametrize("make,shape", [(_mlp, (64,)), (_cnn, (1, 8, 8))], ids=["mlp", "cnn_bn_dropout"])
+def test_default_matches_plain_composition(make, shape, backend):
+    ours, theirs = make().train(), make().train()
+    x = _forget(shape)
+    flags = _flags(ours)
+    bn_stats = {k: v.clone() for k, v in ours.state_dict().items() if "running" in k or "batches" in k}
+    report = jit(ours, x, sigma=0.3, lr=0.05, num_samples=5, batch_size=16, seed=11, progress=False)
+    _fixed_loop(theirs, x.split(16), sigma=0.3, lr=0.05, n=5, seed=11)
+    _assert_state_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert _flags(ours) == flags  # the caller's train mode is back
+    for k, v in bn_stats.items():  # eval mode during the step: BatchNorm statistics untouched
+        assert torch.equal(ours.state_dict()[k], v)
+    assert all(p.grad is None for p in ours.parameters())
+    assert (report.steps, report.samples, report.mode) == (3, 40, "default")
+    assert report.backend == ("cpu" if backend == "compiled" else "torch")
+
+
+def test_compiled_tier_equals_fallback_tier():
+    if not _backend.has_kernel("cpu"):
+        pytest.skip("compiled CPU kernels not built")
+    x = _forget((1, 8, 8))
+    models = {}
+    try:
+        for tier in ("compiled", "torch"):
+            _backend.force_backend(tier)
+            models[tier] = _cnn()
+            jit(models[tier], x, sigma=0.3, lr=0.05, num_samples=5, batch_size=16, seed=3, progress=False)
+    finally:
+        _backend.force_backend(None)
+    _assert_state_close(models["compiled"], models["torch"], rtol=1e-5, atol=1e-6)
+
+
+def test_reduction_mean_divides_by_batch_size():
+    ours, theirs = _mlp(), _mlp()
+    x = _forget((64,), n=30)
+    jit(ours, x, sigma=0.5, lr=0.5, num_samples=3, batch_size=12, reduction="mean", progress=False)
+    _fixed_loop(theirs, x.split(12), sigma=0.5, lr=0.5, n=3, seed=0, reduction="mean")
+    _assert_state_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    # one batch: mean with lr * B is the sum with lr
+    a, b = _mlp(), _mlp()
+    jit(a, x, sigma=0.5, lr=0.01 * 30, num_samples=3, batch_size=30, reduction="mean", progress=False)
+    jit(b, x, sigma=0.5, lr=0.01, num_samples=3, batch_size=30, reduction="sum", progress=False)
+    _assert_state_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_forward_equals_unchunked():
+    whole, chunked = _cnn(), _cnn()
+    x = _forget((1, 8, 8))
+    r1 = jit(whole, x, sigma=0.3, lr=0.05, num_samples=6, batch_size=16, progress=False)
+    # 7 samples of 64 elements per chunk: uneven chunks of the 6 * 16 perturbed samples
+    r2 = jit(chunked, x, sigma=0.3, lr=0.05, num_samples=6, batch_size=16, max_batch_elems=7 * 64 + 5,
+             progress=False)
+    _assert_state_close(whole, chunked, rtol=1e-4, atol=1e-6)
+    assert r1.mean_loss == pytest.approx(r2.mean_loss, rel=1e-5)
+
+
+def test_default_with_user_optimizer():
+    ours, theirs = _mlp(dropout=0.0), _mlp(dropout=0.0)
+    x = _forget((64,), n=32)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9)
+    jit(ours, x, sigma=0.4, lr=123.0, num_samples=3, batch_size=16, optimizer=opt, progress=False)
+    # the same two steps with momentum, from the plain composition's gradients
+    ref_opt = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9)
+    for t, xb in enumerate(x.split(16)):
+        theirs.zero_grad(set_to_none=True)
+        x_tilde, in_norm = reference.perturb(xb, 3, 0.4, 0, t, True)
+        out = theirs(xb)
+        with torch.no_grad():
+            out2 = torch.stack([theirs(x_tilde[k]) for k in range(3)])
+        (torch.linalg.vector_norm(out - out2, dim=2) / in_norm).sum().div(3).backward()
+        ref_opt.step()
+    _assert_state_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    assert len(opt.state) == len(list(ours.parameters()))
+
+
+def test_zero_input_difference_is_guarded():
+    model = _mlp()
+    saved = _state(model)
+    x = torch.full((8, 64), 0.5)  # clamp range is a single value: every perturbation is clamped away
+    report = jit(model, x, sigma=1.0, lr=1.0, num_samples=4, progress=False)
+    assert report.mean_loss == 0.0
+    _assert_state_equal(model, saved)
+
+
+def test_bfloat16_model_float32_loss():
+    x = _forget((64,))
+    m32 = _mlp(dropout=0.0)
+    m16 = copy.deepcopy(m32).to(torch.bfloat16)
+    r32 = jit(m32, x, sigma=0.3, lr=0.01, num_samples=4, batch_size=20, progress=False)
+    r16 = jit(m16, x, sigma=0.3, lr=0.01, num_samples=4, batch_size=20, progress=False)  # float32 data cast
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in m16.parameters())
+    assert r16.mean_loss == pytest.approx(r32.mean_loss, rel=0.05)
+    for p, q in zip(m16.parameters(), m32.parameters()):
+        torch.testing.assert_close(p.float(), q, rtol=0.05, atol=0.02)
+
+
+def test_public_name_and_progress_bar():
+    assert jit_unlearn.jit is jit
+    report = jit(_mlp(), _forget((64,), n=4), sigma=0.1, lr=0.0, num_samples=2, progress=True)
+    assert isinstance(report, jit_unlearn.JiTReport) and report.steps == 1 and report.seconds > 0
+
+
+# ---------------------------------------------------------------- forgetting on real data
+
+
+def test_forgets_a_digits_class():
+    """MLP 64-256-256-10 on scikit-learn digits, trained with label smoothing 0.1; forgetting class 3
+    with sigma=1.0, lr=1.7e-3, batch 64, N=25 drops its accuracy to ~0 while the other classes lose
+    2-3 points."""
+    x, y = digits().tensors
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(x), generator=g)
+    tr, te = perm[:1400], perm[1400:]
+    torch.manual_seed(0)
+    model = MLP(64, (256, 256), 10)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=0.0)
+    for _ in range(15):
+        order = tr[torch.randperm(len(tr), generator=g)]
+        for idx in order.split(64):
+            loss = F.cross_entropy(model(x[idx]), y[idx], label_smoothing=0.1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+
+    def accuracy(idx):
+        with torch.no_grad():
+            return (model(x[idx]).argmax(1) == y[idx]).float().mean().item()
+
+    forget_tr, forget_te = tr[y[tr] == 3], te[y[te] == 3]
+    retain_te = te[y[te] != 3]
+    before_forget, before_retain = accuracy(forget_te), accuracy(retain_te)
+    assert before_forget > 0.85 and before_retain > 0.93
+    jit(model, TensorDataset(x[forget_tr], y[forget_tr]), sigma=1.0, lr=1.7e-3, num_samples=25,
+        batch_size=64, progress=False)
+    assert accuracy(forget_tr) < 0.3
+    assert accuracy(forget_te) < 0.3
+    assert accuracy(retain_te) > before_retain - 0.05
+
+
+# ---------------------------------------------------------------- bad arguments, restore on failure
+
+
+class _ShapeModel(nn.Module):
+    """A BatchNorm model (train mode: every forward changes buffers) whose output shape is chosen."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.bn = nn.BatchNorm1d(64)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        out = self.fc(self.bn(x))
+        if self.kind == "flat":
+            return out.sum(1)
+        if self.kind == "tuple":
+            return out, out
+        return out.unsqueeze(2)
+
+
+@pytest.mark.parametrize("kwargs,exc,name", [
+    (dict(sigma=0.0), ValueError, "sigma"),
+    (dict(sigma=-1.0), ValueError, "sigma"),
+    (dict(sigma=float("nan")), ValueError, "sigma"),
+    (dict(sigma="1"), TypeError, "sigma"),
+    (dict(lr=-1e-3), ValueError, "lr"),
+    (dict(lr=float("inf")), ValueError, "lr"),
+    (dict(num_samples=0), ValueError, "num_samples"),
+    (dict(num_samples=2.0), TypeError, "num_samples"),
+    (dict(mode="fast"), ValueError, "mode"),
+    (dict(reduction="none"), ValueError, "reduction"),
+    (dict(seed=1.5), TypeError, "seed"),
+    (dict(seed=2**64), ValueError, "seed"),
+    (dict(batch_size=0), ValueError, "batch_size"),
+    (dict(max_batch_elems=0), ValueError, "max_batch_elems"),
+    (dict(progress=None), TypeError, "progress"),
+    (dict(optimizer="sgd"), TypeError, "optimizer"),
+    (dict(optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)), ValueError, "optimizer"),
+    (dict(forget=torch.empty(0, 64)), ValueError, "forget"),
+    (dict(forget=TensorDataset(torch.empty(0, 64))), ValueError, "forget"),
+    (dict(forget=DataLoader(TensorDataset(torch.empty(0, 64)), batch_size=4)), ValueError, "forget"),
+    (dict(forget=DataLoader(TensorDataset(torch.rand(8, 64)), batch_size=4), batch_size=4), ValueError,
+     "batch_size"),
+    (dict(forget=torch.randint(0, 5, (8, 64))), TypeError, "forget"),
+    (dict(forget=torch.rand(8, 64, device="meta")), ValueError, "forget"),
+    (dict(forget=42), TypeError, "forget"),
+])
+@pytest.mark.parametrize("mode", ["default", "reference"])
+def test_bad_arguments_change_nothing(kwargs, exc, name, mode):
+    model = _mlp().train()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    saved, flags = _state(model), _flags(model)
+    args = dict(forget=_forget((64,), n=8), sigma=0.1, lr=0.1, num_samples=2, mode=mode, progress=False)
+    args.update(kwargs)
+    with pytest.raises(exc, match=name):
+        jit(model, **args)
+    _assert_state_equal(model, saved)
+    assert _flags(model) == flags
+    assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+
+
+def test_optimizer_rejected_in_reference_mode():
+    model = _mlp()
+    with pytest.raises(ValueError, match="optimizer"):
+        jit(model, _forget((64,)), sigma=0.1, lr=0.1, mode="reference",
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
+
+
+def test_model_type_checked():
+    with pytest.raises(TypeError, match="model"):
+        jit(lambda x: x, _forget((64,)), sigma=0.1, lr=0.1, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["flat", "tuple", "3d"])
+@pytest.mark.parametrize("mode", ["default", "reference"])
+def test_non_logit_output_rejected_and_model_restored(kind, mode):
+    model = _ShapeModel(kind).train()
+    saved = _state(model)
+    with pytest.raises((ValueError, TypeError), match="model"):
+        jit(model, _forget((64,), n=16), sigma=0.1, lr=0.1, num_samples=2, mode=mode, progress=False)
+    _assert_state_equal(model, saved)  # BatchNorm statistics of the failed forward put back too
+    assert model.training and model.bn.training
+
+
+class _FailOnCall(nn.Module):
+    """SmallCNN-like model whose k-th forward raises `error`."""
+
+    def __init__(self, k, error):
+        super().__init__()
+        self.net = _cnn()
+        self.k, self.error, self.calls = k, error, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == self.k:
+            raise self.error
+        return self.net(x)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()], ids=["runtime", "interrupt"])
+@pytest.mark.parametrize("mode", ["default", "reference"])
+def test_failure_mid_run_restores_bitwise(error, mode):
+    # default mode: 2 forwards per batch, so call 5 is in the third batch, after two steps;
+    # reference mode: 1 + 3 forwards per batch, so call 7 is inside the second batch, after one step
+    model = _FailOnCall(5 if mode == "default" else 7, error).train()
+    model.net.features[1].eval()
+    saved, flags = _state(model), _flags(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9) if mode == "default" else None
+    opt_saved = copy.deepcopy(opt.state_dict()) if opt is not None else None
+    with pytest.raises(type(error)):
+        jit(model, _forget((1, 8, 8), n=40), sigma=0.3, lr=0.1, num_samples=3, batch_size=10, mode=mode,
+            optimizer=opt, progress=False)
+    assert model.calls == model.k
+    _assert_state_equal(model, saved)
+    assert _flags(model) == flags
+    if opt is not None:
+        assert opt.state_dict() == opt_saved  # no momentum buffers left behind
+    # the model is still usable and its parameters did change in a run that does not fail
+    model.k = -1
+    jit(model, _forget((1, 8, 8), n=40), sigma=0.3, lr=0.1, num_samples=3, batch_size=10, mode=mode,
+        progress=False)
+    assert any(not torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_non_finite_gradients_raise_and_restore():
+    # reference mode divides by the raw input difference: a constant batch gives 0/0 and NaN gradients
+    model = _mlp().train()
+    saved = _state(model)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        jit(model, torch.full((8, 64), 0.5), sigma=0.5, lr=0.1, num_samples=2, mode="reference", progress=False)
+    _assert_state_equal(model, saved)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
