@@ -89,8 +89,8 @@ def test_localize_loop(benchmark, resnet_case):
 EPOCHS, LR, BATCH = 3, 0.015, 128
 
 
-@pytest.fixture(scope="module")
-def mnist_case():
+def make_mnist_case():
+    """A SmallCNN trained one epoch on 2000 MNIST images; its state, forget (200) and retain sets."""
     x, y = mnist().tensors
     x, y = x[:2000], y[:2000]
     forget = torch.zeros(len(y), dtype=torch.bool)
@@ -103,6 +103,11 @@ def mnist_case():
         F.cross_entropy(trained(xb), yb).backward()
         opt.step()
     return trained.state_dict(), TensorDataset(x[forget], y[forget]), TensorDataset(x[~forget], y[~forget])
+
+
+@pytest.fixture(scope="module")
+def mnist_case():
+    return make_mnist_case()
 
 
 def _fresh(state):

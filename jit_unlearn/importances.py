@@ -11,8 +11,9 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from . import ops
-from ._utils import as_batches, batch_input, batch_labels, check_logits, model_device, module_mode, progress
+from . import _backend, ops, reference
+from ._utils import as_batches, batch_input, batch_labels, check_logits, model_device, module_mode
+from ._utils import progress as progress_bar
 
 __all__ = ["Importances", "importances", "model_fingerprint", "KINDS"]
 
@@ -220,7 +221,7 @@ def _loss(out: torch.Tensor, y: torch.Tensor | None, kind: str) -> torch.Tensor:
 
 def importances(model: torch.nn.Module, loader, *, kind: str = "fisher", per_sample: bool = False,
                 progress: bool = True, max_batch_elems: int | None = None, batch_size: int | None = None,
-                _name: str = "loader") -> Importances:
+                name: str = "loader") -> Importances:
     """Importances of every parameter of `model` on the data in `loader`, model in eval mode.
 
     Args:
@@ -238,6 +239,7 @@ def importances(model: torch.nn.Module, loader, *, kind: str = "fisher", per_sam
         progress: show a progress bar.
         max_batch_elems: per-sample mode only; cap on per-sample gradient elements held at once
             (default 2^25), which sets the chunk size.
+        name: what error messages call the data.
     Returns:
         Importances with one tensor per named parameter (its shape and dtype, on its device);
         parameters that get no gradient (frozen or unused) have zero importance.
@@ -250,7 +252,7 @@ def importances(model: torch.nn.Module, loader, *, kind: str = "fisher", per_sam
         raise ValueError(f"max_batch_elems: must be a positive int, got {max_batch_elems!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    batches = as_batches(loader, batch_size, name=_name)
+    batches = as_batches(loader, batch_size, name=name)
     named = list(model.named_parameters())
     if not any(p.requires_grad for _, p in named):
         raise ValueError("model: has no parameter that requires grad")
@@ -258,13 +260,23 @@ def importances(model: torch.nn.Module, loader, *, kind: str = "fisher", per_sam
     with module_mode(model, False), torch.enable_grad():
         if per_sample:
             num_batches, num_samples = _per_sample_pass(model, batches, acc, kind, progress,
-                                                        max_batch_elems or DEFAULT_MAX_BATCH_ELEMS, _name)
+                                                        max_batch_elems or DEFAULT_MAX_BATCH_ELEMS, name)
         else:
-            num_batches, num_samples = _batch_pass(model, batches, acc, kind, progress, _name)
+            num_batches, num_samples = _batch_pass(model, batches, acc, kind, progress, name)
     divisor = float(num_samples if per_sample else num_batches)
     for t in acc.values():
         t.div_(divisor)  # true division by the count, as the published code does
     return Importances(acc, kind=kind, per_sample=per_sample, num_samples=num_samples, num_batches=num_batches)
+
+
+def _unchecked_accumulate(device: torch.device):
+    """The kernel behind ops.accumulate_importance_ for `device`, without the per-call argument
+    checks.  A pass calls it only after ops.accumulate_importance_ has checked the same lists on
+    the first batch: the accumulators and the parameters' gradients keep their shapes, dtypes and
+    devices from batch to batch."""
+    if _backend.use_compiled(device):
+        return torch.ops.jit_unlearn.accumulate_importance_.default
+    return reference.accumulate_importance_
 
 
 def _batch_pass(model, batches, acc, kind, show, name) -> tuple[int, int]:
@@ -274,19 +286,23 @@ def _batch_pass(model, batches, acc, kind, show, name) -> tuple[int, int]:
     acc_list = [acc[n] for n, _ in trainable]
     mode = _MODE[kind]
     device = model_device(model)
+    accumulate, checked = _unchecked_accumulate(device), False
     num_batches = num_samples = 0
-    for batch in progress(batches, enabled=show, desc=f"importances ({name})"):
+    for batch in progress_bar(batches, enabled=show, desc=f"importances ({name})"):
         x = batch_input(batch, name=name)
         y = batch_labels(batch, name=name).to(device, non_blocking=True) if kind == "fisher" else None
         x = x.to(device, non_blocking=True)
         out = check_logits(model(x), x.shape[0])
-        grads = torch.autograd.grad(_loss(out, y, kind), params, allow_unused=True)
+        grads = list(torch.autograd.grad(_loss(out, y, kind), params, allow_unused=True))
         if any(g is None for g in grads):  # parameters this batch did not reach keep their sum
             pairs = [(a, g) for a, g in zip(acc_list, grads) if g is not None]
             if pairs:
                 ops.accumulate_importance_([a for a, _ in pairs], [g for _, g in pairs], mode)
+        elif checked:
+            accumulate(acc_list, grads, mode, 1.0)
         else:
             ops.accumulate_importance_(acc_list, grads, mode)
+            checked = True
         num_batches += 1
         num_samples += x.shape[0]
     if num_batches == 0:
@@ -363,7 +379,7 @@ def _per_sample_pass(model, batches, acc, kind, show, max_elems, name) -> tuple[
     try:
         num_batches = num_samples = 0
         plan = _PerSamplePlan(model, taps, kind, max_elems)
-        for batch in progress(batches, enabled=show, desc=f"per-sample importances ({name})"):
+        for batch in progress_bar(batches, enabled=show, desc=f"per-sample importances ({name})"):
             x = batch_input(batch, name=name)
             y = batch_labels(batch, name=name).to(device, non_blocking=True) if square else None
             x = x.to(device, non_blocking=True)
@@ -412,7 +428,6 @@ class _PerSamplePlan:
         per_sample = sum(p.numel() for p in self.trainable.values()) + sum(
             taps.modules[m].in_features + taps.modules[m].out_features for m in self.factored)
         self.chunk = max(1, max_elems // max(1, per_sample))
-        self.taps = taps
 
         def sample_loss(params, probes, x, y):
             taps.probes, taps.inputs, taps.calls = probes, {}, {}

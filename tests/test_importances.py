@@ -94,7 +94,7 @@ def _published_calc_importance(model, loader, label_free=False):
 
 
 @pytest.mark.parametrize("kind", ["fisher", "output_norm"])
-def test_batch_pass_equals_published_bitwise(kind):
+def test_batch_pass_equals_published_bitwise(kind, backend):
     torch.manual_seed(0)
     model = SmallCNN(width=4)
     for m in model.modules():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -176,7 +176,10 @@ def _loader(data, batch_size, name: str, *, shuffle: bool = False, seed: int = 0
 
 
 def _check_labelled(batches, name: str) -> None:
-    """The data yields at least one batch, and batches carry labels (checked before any change)."""
+    """The data yields at least one batch, and batches carry labels (checked before any change).
+    A one-shot iterator is not peeked at (that would lose its first batch)."""
+    if isinstance(batches, Iterator):
+        return
     try:
         if len(batches) == 0:
             raise ValueError(f"{name}: yields no batches (empty)")
@@ -505,6 +508,7 @@ def masked_finetune(model: nn.Module, mask: Mask, retain, *, forget=None, object
     if not isinstance(mask, Mask):
         raise TypeError(f"mask: expected a jit_unlearn.Mask, got {type(mask).__name__}")
     _check_finetune_args(lr, epochs, momentum, weight_decay, beta, seed, objective)
+    _check_int(batch_size, "batch_size", low=1)
     mask.check(model)
     head_names = _head_names(model, head)
     retain_batches, forget_batches = _finetune_batches(retain, forget, objective, batch_size, seed)

@@ -11,9 +11,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils import get_total_norm
+from torch.utils.data import TensorDataset
 
 from .. import _backend, ops
-from .._utils import as_batches, batch_input, check_logits, model_device, model_dtype, module_mode
+from .._utils import DEFAULT_BATCH_SIZE, as_batches, batch_input, check_logits, model_device, model_dtype
+from .._utils import module_mode
 from .._utils import progress as _progress
 from .._utils import restore_on_failure
 from ..reference import opmath_dtype
@@ -23,9 +26,6 @@ __all__ = ["jit", "JiTReport"]
 # One no-grad forward sees at most this many input elements (16 MiB of float32 input); with the
 # activations of a CIFAR ResNet-18 that keeps a chunk near 1 GiB, and digits/MNIST run unchunked.
 DEFAULT_MAX_BATCH_ELEMS = 1 << 22
-# A pair whose input difference norm is at most this (a perturbation clamped away entirely, e.g. a
-# constant batch) is dropped from the loss: there is no input change to compare the output with.
-_MIN_IN_NORM = 1e-12
 _MODES = ("default", "reference")
 _REDUCTIONS = ("sum", "mean")
 
@@ -115,11 +115,17 @@ def jit(model: nn.Module, forget, *, sigma: float, lr: float, num_samples: int =
         raise ValueError("model: has no trainable parameters (requires_grad=True)")
     device, dtype = model_device(model), model_dtype(model)
     batches = as_batches(forget, batch_size, name="forget")
-    try:
-        total = len(batches)
-    except TypeError:
-        total = None
-    it = iter(batches)
+    if isinstance(forget, torch.Tensor) or type(forget) is TensorDataset:
+        # the batches the DataLoader would collate, sliced and copied instead of gathered sample by sample
+        inputs = forget if isinstance(forget, torch.Tensor) else forget.tensors[0]
+        slices = inputs.split(batch_size or DEFAULT_BATCH_SIZE)
+        total, it = len(slices), (s.clone() for s in slices)
+    else:
+        try:
+            total = len(batches)
+        except TypeError:
+            total = None
+        it = iter(batches)
     first = next(it, None)
     if first is None:
         raise ValueError("forget: yields no batches (empty)")
@@ -174,7 +180,6 @@ def _run_reference(model, xs, params, sigma, lr, num_samples, reduction):
 
 def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, optimizer, budget):
     """Eval mode, fused noise, one chunked no-grad forward of all N*B perturbed samples, fused loss."""
-    opt = torch.optim.SGD(params, lr=lr) if optimizer is None else optimizer
     updated = params if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
     steps = samples = 0
     loss_sum = None
@@ -188,13 +193,17 @@ def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, opt
                 out2 = _chunked_forward(model, x_tilde.view(num_samples * b, *x.shape[1:]), budget)
             out = check_logits(model(x), b)
             out2 = out2.view(num_samples, b, out.shape[1])
-            in_norm = in_norm.masked_fill(in_norm <= _MIN_IN_NORM, 0.0)
             loss = ops.lipschitz_ratio(out, out2, in_norm).sum() / num_samples
             if reduction == "mean":
                 loss = loss / b
             loss.backward()
             _check_finite_grads(updated, steps)
-            opt.step()
+            if optimizer is None:
+                with torch.no_grad():
+                    stepped = [p for p in params if p.grad is not None]
+                    torch._foreach_add_(stepped, [p.grad for p in stepped], alpha=-lr)
+            else:
+                optimizer.step()
             if optimizer is not None and not _all_finite(updated):
                 raise FloatingPointError(f"optimizer: step {steps} wrote non-finite values into the "
                                          "parameters; the model was restored")
@@ -215,9 +224,8 @@ def _chunked_forward(model, x, budget):
 
 def _all_finite(tensors) -> bool:
     tensors = [t for t in tensors if t is not None]
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    # the max-norm is inf or NaN exactly when some element is (one foreach reduction, one sync)
+    return not tensors or bool(torch.isfinite(get_total_norm(tensors, norm_type=math.inf)))
 
 
 def _check_finite_grads(params, step):

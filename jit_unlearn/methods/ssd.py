@@ -163,12 +163,16 @@ def _unlearn(method: str, model, forget, full, *, kind: str, alpha, lam, exponen
     if not isinstance(per_sample, bool):
         raise TypeError(f"per_sample: expected a bool, got {type(per_sample).__name__}")
     if full_importances is not None:
-        full_importances = _checked(model, full_importances, "full_importances")
-        if full_importances.kind != kind:
-            raise ValueError(f"full_importances: kind {full_importances.kind!r}, but {method} needs {kind!r}")
-        if full_importances.per_sample != per_sample:
-            raise ValueError(f"full_importances: per_sample={full_importances.per_sample}, but this call "
-                             f"has per_sample={per_sample}")
+        if isinstance(full_importances, Importances):  # a plain mapping records neither
+            if full_importances.kind != kind:
+                raise ValueError(f"full_importances: kind {full_importances.kind!r}, but {method} needs {kind!r}")
+            if full_importances.per_sample != per_sample:
+                raise ValueError(f"full_importances: per_sample={full_importances.per_sample}, but this call "
+                                 f"has per_sample={per_sample}")
+        elif alpha is None:
+            raise ValueError("full_importances: assd needs the sample count |D| that Importances records, "
+                             "got a plain mapping")
+        full_importances = _checked(model, full_importances, "full_importances", kind)
     elif full is None:
         raise ValueError("full: required unless full_importances is given")
     forget_batches = as_batches(forget, batch_size, name="forget")
@@ -177,9 +181,9 @@ def _unlearn(method: str, model, forget, full, *, kind: str, alpha, lam, exponen
     opts = {"kind": kind, "per_sample": per_sample, "progress": progress, "max_batch_elems": max_batch_elems}
     start = time.perf_counter()
     with restore_on_failure(model):
-        imp_f = importances(model, forget_batches, _name="forget", **opts)
+        imp_f = importances(model, forget_batches, name="forget", **opts)
         imp_d = full_importances if full_importances is not None else importances(
-            model, full_batches, _name="full", **opts)
+            model, full_batches, name="full", **opts)
         for imp, name in ((imp_f, "forget"), (imp_d, "full")):
             if imp.invalid:
                 raise ValueError(f"{name}: importances hold NaN or inf in {imp.invalid[:5]} "

@@ -1,0 +1,123 @@
+"""JiT against its floor (the model alone doing the same forwards and step) and against a plain
+transcription of the published loop, on a digits MLP and a CIFAR-shaped ResNet-18.
+
+Run: python -m pytest benchmarks/bench_jit.py --benchmark-only
+Per group, divide the `default` mean by the `floor_*` means (target <= 1.10) and `reference` by
+`transcription` (target <= 1.0).
+"""
+import copy
+from copy import deepcopy
+
+import pytest
+import torch
+
+from jit_unlearn import jit, reference
+from jit_unlearn.data import digits
+from jit_unlearn.methods.jit import DEFAULT_MAX_BATCH_ELEMS
+from jit_unlearn.models import MLP, ResNet18
+
+def _digit3():
+    x, y = digits().tensors
+    return x[y == 3]
+
+
+# name: (model factory, forget-set factory, batch size, N, sigma, lr, rounds)
+CASES = {
+    # every sample of digit 3 in scikit-learn digits (183), published N, batch 64 -> 3 steps
+    "digits_mlp": (lambda: MLP(64, (256, 256), 10), _digit3, 64, 25, 1.0, 1.7e-3, 10),
+    # 64 random CIFAR-shaped samples, batch 32, N=4 -> 2 steps of 5 forwards + 1 backward each
+    "cifar_resnet18": (lambda: ResNet18(10),
+                       lambda: torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+                       32, 4, 0.5, 3e-4, 3),
+}
+
+
+def _make(case):
+    make_model, make_forget, bs, n, sigma, lr, rounds = CASES[case]
+    torch.manual_seed(0)
+    return make_model(), make_forget(), bs, n, sigma, lr, rounds
+
+
+def _run(benchmark, group, fn, model, rounds):
+    """Time fn(fresh copy of model) `rounds` times; the copy is made outside the timed region."""
+    benchmark.group = group
+    benchmark.pedantic(fn, setup=lambda: ((copy.deepcopy(model),), {}), rounds=rounds, iterations=1,
+                       warmup_rounds=1)
+
+
+def _floor(model, x_batches, noisy_batches, lr, batched):
+    """The model alone, per batch: forward with grad, N no-grad forwards of the perturbed copies
+    (N separate batches, or one N*B batch chunked like jit's default), a backward, an SGD step."""
+    model.eval()
+    sgd = torch.optim.SGD(model.parameters(), lr=lr)
+    for x, noisy in zip(x_batches, noisy_batches):
+        for p in model.parameters():
+            p.grad = None
+        with torch.no_grad():
+            if batched:
+                flat = noisy.view(-1, *x.shape[1:])
+                rows = max(1, DEFAULT_MAX_BATCH_ELEMS // x[0].numel())
+                for chunk in flat.split(rows):
+                    model(chunk)
+            else:
+                for xn in noisy:
+                    model(xn)
+        model(x).sum().backward()
+        sgd.step()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("variant", ["default", "floor_sequential", "floor_batched"])
+def test_default_vs_floor(benchmark, case, variant):
+    model, forget, bs, n, sigma, lr, rounds = _make(case)
+    model.eval()
+    if variant == "default":
+        def fn(m):
+            jit(m, forget, sigma=sigma, lr=lr, num_samples=n, batch_size=bs, progress=False)
+    else:
+        x_batches = list(forget.split(bs))
+        noisy = [reference.perturb(x, n, sigma, 0, t, True)[0] for t, x in enumerate(x_batches)]
+
+        def fn(m):
+            _floor(m, x_batches, noisy, lr, batched=variant == "floor_batched")
+    _run(benchmark, f"jit-{case}", fn, model, rounds)
+
+
+def _published_loop(model, forget, bs, n, sigma, lr):
+    """The published JiT loop as written there: noise and batch min/max per copy on a deep copy of
+    the batch, running sums of the norms, gradients accumulated across batches, plain SGD."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    model.zero_grad()
+    for (x,) in torch.utils.data.DataLoader(torch.utils.data.TensorDataset(forget), batch_size=bs):
+        out = model(x)
+        loss = torch.tensor(0.0)
+        in_n = torch.tensor(0.0)
+        out_n = torch.tensor(0.0)
+        for _ in range(n):
+            img = deepcopy(x)
+            hi, lo = img.max(), img.min()
+            img2 = torch.clamp(img + torch.randn(img.size()) * sigma + 0.0, min=lo, max=hi)
+            with torch.no_grad():
+                out2 = model(img2)
+            in_norm = torch.linalg.vector_norm(x.view(x.size(0), -1) - img2.view(img2.size(0), -1), dim=1)
+            out_norm = torch.linalg.vector_norm(out - out2, dim=1)
+            in_n += in_norm.sum()
+            out_n += out_norm.sum()
+            loss += ((out_norm / in_norm).sum()).abs()
+        loss /= n
+        loss.backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("variant", ["reference", "transcription"])
+def test_reference_vs_transcription(benchmark, case, variant):
+    model, forget, bs, n, sigma, lr, rounds = _make(case)
+    model.train()
+    if variant == "reference":
+        def fn(m):
+            jit(m, forget, sigma=sigma, lr=lr, num_samples=n, batch_size=bs, mode="reference", progress=False)
+    else:
+        def fn(m):
+            _published_loop(m, forget, bs, n, sigma, lr)
+    _run(benchmark, f"jit-reference-{case}", fn, model, rounds)
