@@ -47,6 +47,8 @@ def extension_loaded() -> bool:
     return _LOADED
 
 
+# A constant under torch.compile, so the public ops trace with fullgraph=True.
+@torch.compiler.assume_constant_result
 def has_kernel(device_type: str) -> bool:
     """True when the compiled extension has a kernel for `device_type` ("cpu" or "cuda")."""
     if not _LOADED:

@@ -7,6 +7,8 @@ the fallback draws the same noise as the C++ and CUDA kernels.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Philox4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11).
@@ -52,12 +54,13 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def philox4x32(group: torch.Tensor, seed: int, offset: int) -> tuple[torch.Tensor, ...]:
     """Philox4x32-10 on counters (group_lo, group_hi, offset_lo, offset_hi) with key (seed_lo, seed_hi).
 
-    group: int64 tensor of non-negative counter values.  Returns four int64 tensors of uint32 values.
+    group: int64 tensor of counter values (negative values stand for their uint64 bit patterns).
+    Returns four int64 tensors of uint32 values.
     """
     seed &= (1 << 64) - 1
     offset &= (1 << 64) - 1
     c0 = group & _MASK32
-    c1 = group >> 32
+    c1 = (group >> 32) & _MASK32
     c2 = torch.full_like(group, offset & _MASK32)
     c3 = torch.full_like(group, offset >> 32)
     k0, k1 = seed & _MASK32, seed >> 32
@@ -118,6 +121,13 @@ def _sincos_2pi_uniform(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cos_q, sin_q
 
 
+def _sqrt_f32(v: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 sqrt, as sqrtf in C++ and CUDA.  torch's CPU float32 sqrt may be
+    1 ulp off; rounding a float64 sqrt is exact for float32 inputs, since the exact root of a float32
+    lies at least 4 float64 ulps away from a float32 rounding boundary."""
+    return torch.sqrt(v.to(torch.float64)).to(torch.float32)
+
+
 def philox_normal(numel: int, seed: int, offset: int, device=None) -> torch.Tensor:
     """The first `numel` standard normals of stream (seed, offset), float32, flat.
 
@@ -126,9 +136,9 @@ def philox_normal(numel: int, seed: int, offset: int, device=None) -> torch.Tens
     groups = (numel + 3) // 4
     g = torch.arange(groups, dtype=torch.int64, device=device)
     r0, r1, r2, r3 = philox4x32(g, seed, offset)
-    rad01 = torch.sqrt(_neg2log_uniform(r0))
+    rad01 = _sqrt_f32(_neg2log_uniform(r0))
     c01, s01 = _sincos_2pi_uniform(r1)
-    rad23 = torch.sqrt(_neg2log_uniform(r2))
+    rad23 = _sqrt_f32(_neg2log_uniform(r2))
     c23, s23 = _sincos_2pi_uniform(r3)
     z = torch.stack([rad01 * c01, rad01 * s01, rad23 * c23, rad23 * s23], dim=1)
     return z.reshape(-1)[:numel]
@@ -141,6 +151,7 @@ def perturb(x: torch.Tensor, num_samples: int, sigma: float, seed: int, offset: 
     x_tilde = clamp(x + sigma * z, min(x), max(x)); in_norm = ||x_tilde - x|| per sample, computed
     from the stored (rounded) x_tilde."""
     n = int(num_samples)
+    x = x.contiguous()  # so the outputs are contiguous too
     b = x.shape[0]
     op = opmath_dtype(x.dtype)
     z = philox_normal(n * x.numel(), seed, offset, device=x.device).view(n, *x.shape)
@@ -151,7 +162,7 @@ def perturb(x: torch.Tensor, num_samples: int, sigma: float, seed: int, offset: 
         noisy = torch.minimum(torch.maximum(noisy, lo), hi)
     x_tilde = noisy.to(x.dtype)
     diff = x_tilde.to(op) - xo.unsqueeze(0)
-    in_norm = torch.sqrt((diff * diff).reshape(n, b, -1).sum(dim=2))
+    in_norm = torch.sqrt((diff * diff).reshape(n, b, math.prod(x.shape[1:])).sum(dim=2))
     return x_tilde, in_norm
 
 
