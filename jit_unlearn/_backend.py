@@ -20,6 +20,8 @@ except ImportError as exc:  # the package works without it, on the reference tie
     _LOAD_ERROR = str(exc)
 
 _VALID = ("auto", "compiled", "torch")
+OPS = ("perturb", "lipschitz_ratio", "_lipschitz_ratio_backward", "accumulate_importance_", "ssd_dampen_",
+       "masked_reset_")
 _forced: str | None = None
 
 
@@ -56,7 +58,8 @@ def has_kernel(device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     if key is None:
         return False
-    return bool(torch._C._dispatch_has_kernel_for_dispatch_key("jit_unlearn::perturb", key))
+    # A tier is usable only when every op has a kernel for the device.
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"jit_unlearn::{op}", key) for op in OPS)
 
 
 def use_compiled(device: torch.device) -> bool:

@@ -49,7 +49,7 @@ def _invalid_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
         flags.append(torch.logical_and(lo >= 0, hi < math.inf))  # NaN fails both comparisons
     if not flags:
         return []
-    ok = torch.stack([f.cpu() if f.device.type != "cpu" else f for f in flags]).tolist()
+    ok = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
     return [n for n, good in zip(names, ok) if not good]
 
 

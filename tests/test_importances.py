@@ -265,7 +265,8 @@ def test_load_refuses_another_model(tmp_path, suffix):
     _, imp = _small_imp()
     path = tmp_path / f"imp{suffix}"
     imp.save(path)
-    with pytest.raises(ValueError, match=r"path: made for another model \(shape mismatch \['1\.weight': importances \(6, 8\) vs model \(7, 8\)"):
+    mismatch = r"path: made for another model \(shape mismatch \['1\.weight': importances \(6, 8\) vs model \(7, 8\)"
+    with pytest.raises(ValueError, match=mismatch):
         Importances.load(path, MLP(8, (7,), 3))
     with pytest.raises(ValueError, match=r"missing parameters \['5\.weight', '5\.bias'\]"):
         Importances.load(path, MLP(8, (6, 6), 3))

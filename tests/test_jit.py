@@ -199,6 +199,17 @@ def test_chunked_forward_equals_unchunked():
     assert r1.mean_loss == pytest.approx(r2.mean_loss, rel=1e-5)
 
 
+def test_default_same_for_tensor_dataset_and_loader():
+    x = _forget((64,), n=30)
+    runs = {}
+    for kind, forget, bs in [("tensor", x, 8), ("dataset", TensorDataset(x, torch.zeros(30)), 8),
+                             ("loader", DataLoader(TensorDataset(x), batch_size=8), None)]:
+        runs[kind] = _mlp()
+        jit(runs[kind], forget, sigma=0.3, lr=0.05, num_samples=3, batch_size=bs, progress=False)
+    for kind in ("dataset", "loader"):
+        _assert_state_equal(runs[kind], _state(runs["tensor"]))
+
+
 def test_default_with_user_optimizer():
     ours, theirs = _mlp(dropout=0.0), _mlp(dropout=0.0)
     x = _forget((64,), n=32)

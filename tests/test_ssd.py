@@ -297,7 +297,8 @@ def test_cache_refusals_leave_model_unchanged(tmp_path):
     fisher = importances(_bn_cnn(6), full, progress=False)
     other = SmallCNN(width=5, num_classes=4)
     before = _state(other)
-    with pytest.raises(ValueError, match=r"full_importances: made for another model \(shape mismatch \['features.0.weight'"):
+    mismatch = r"full_importances: made for another model \(shape mismatch \['features.0.weight'"
+    with pytest.raises(ValueError, match=mismatch):
         ju.ssd(other, forget, full_importances=fisher, progress=False)
     _assert_same_state(other, before)
     model = _bn_cnn(6)

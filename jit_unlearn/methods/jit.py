@@ -15,10 +15,9 @@ from torch.nn.utils import get_total_norm
 from torch.utils.data import TensorDataset
 
 from .. import _backend, ops
-from .._utils import DEFAULT_BATCH_SIZE, as_batches, batch_input, check_logits, model_device, model_dtype
-from .._utils import module_mode
+from .._utils import (DEFAULT_BATCH_SIZE, as_batches, batch_input, check_logits, model_device, model_dtype,
+                      module_mode, restore_on_failure)
 from .._utils import progress as _progress
-from .._utils import restore_on_failure
 from ..reference import opmath_dtype
 
 __all__ = ["jit", "JiTReport"]
@@ -115,8 +114,9 @@ def jit(model: nn.Module, forget, *, sigma: float, lr: float, num_samples: int =
         raise ValueError("model: has no trainable parameters (requires_grad=True)")
     device, dtype = model_device(model), model_dtype(model)
     batches = as_batches(forget, batch_size, name="forget")
-    if isinstance(forget, torch.Tensor) or type(forget) is TensorDataset:
-        # the batches the DataLoader would collate, sliced and copied instead of gathered sample by sample
+    if mode == "default" and (isinstance(forget, torch.Tensor) or type(forget) is TensorDataset):
+        # The batches the DataLoader would collate, sliced and copied instead of gathered sample by
+        # sample.  Reference mode keeps the DataLoader: iterating one draws from the global generator.
         inputs = forget if isinstance(forget, torch.Tensor) else forget.tensors[0]
         slices = inputs.split(batch_size or DEFAULT_BATCH_SIZE)
         total, it = len(slices), (s.clone() for s in slices)
