@@ -90,7 +90,7 @@ def _digits_case():
 def _resnet_case():
     torch.manual_seed(0)
     model = ResNet18(num_classes=10)  # 11.17 M parameters
-    x, y = torch.randn(24, 3, 32, 32), torch.randint(0, 10, (24,))
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     forget = DataLoader(TensorDataset(x[:8], y[:8]), batch_size=8)
     full = DataLoader(TensorDataset(x, y), batch_size=8)
     return model, forget, full
@@ -169,7 +169,10 @@ DAMPEN_GROUP = "dampening step: ResNet-18 (11.17 M params, ~45 % selected)"
 def _dampen_rounds(benchmark, model, fn):
     # parameters are reset before every round, so repeated dampening never drifts into subnormals
     state = copy.deepcopy(model.state_dict())
-    benchmark.pedantic(fn, setup=lambda: model.load_state_dict(state), rounds=10, warmup_rounds=1)
+
+    def setup():
+        model.load_state_dict(state)
+    benchmark.pedantic(fn, setup=setup, rounds=10, warmup_rounds=1)
 
 
 def test_dampen_ours(benchmark, dampen_case):

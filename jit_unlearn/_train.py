@@ -19,8 +19,8 @@ _SCHEDULES = ("cosine", "constant")
 class Recipe:
     """How a model is trained: `epochs` passes over the data in seeded shuffled order, batches of
     `batch_size`, SGD (with `momentum`) or Adam at rate `lr`, decayed by a cosine schedule to 0 over
-    all steps (or kept constant), L2 `weight_decay`.  `seed` fixes the shuffling, the dropout noise
-    and, in `retrain`, the model's initialisation."""
+    all steps (or kept constant), L2 `weight_decay`, cross-entropy with `label_smoothing`.  `seed`
+    fixes the shuffling, the dropout noise and, in `retrain`, the model's initialisation."""
 
     epochs: int = 3
     lr: float = 0.05
@@ -29,6 +29,7 @@ class Recipe:
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "cosine"
+    label_smoothing: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -43,10 +44,12 @@ class Recipe:
             bad("epochs", "an int >= 0", self.epochs)
         if self.batch_size < 1:
             bad("batch_size", "an int >= 1", self.batch_size)
-        for key in ("lr", "momentum", "weight_decay"):
+        for key in ("lr", "momentum", "weight_decay", "label_smoothing"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 bad(key, "a finite number >= 0", value)
+        if not self.label_smoothing < 1:
+            bad("label_smoothing", "a number in [0, 1)", self.label_smoothing)
         if self.optimizer not in _OPTIMIZERS:
             bad("optimizer", f"one of {list(_OPTIMIZERS)}", self.optimizer)
         if self.schedule not in _SCHEDULES:
@@ -87,7 +90,7 @@ def train(model: nn.Module, data, recipe: Recipe, *, show_progress: bool = False
     scheduler = None
     if recipe.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
     def batches():
         for _ in range(recipe.epochs):

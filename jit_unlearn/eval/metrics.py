@@ -1,4 +1,4 @@
-"""The field's unlearning metrics: accuracy, entropy MIA, loss MIA, and `evaluate` (all from one batched forward per split)."""
+"""Unlearning metrics: accuracy, entropy MIA, loss MIA, and `evaluate` (one batched forward per split)."""
 from __future__ import annotations
 
 import time
@@ -23,7 +23,11 @@ _ENTROPY_MIA_C = 2.0
 def _outputs(model: torch.nn.Module, data, *, name: str, labels: bool, batch_size: int | None):
     """Logits [N, K] (float32 or wider) and, if asked, labels [N] int64, both on the model's device,
     from one no-grad pass over `data`.  The caller sets eval mode."""
-    batches = as_batches(data, None if isinstance(data, DataLoader) else batch_size or EVAL_BATCH_SIZE, name=name)
+    if isinstance(data, DataLoader):
+        batches = data
+    else:
+        # A private generator: iterating a DataLoader otherwise draws its base seed from the global RNG.
+        batches = as_batches(data, batch_size or EVAL_BATCH_SIZE, name=name, generator=torch.Generator())
     device = model_device(model)
     outs, ys = [], []
     for batch in batches:
@@ -166,11 +170,15 @@ def evaluate(model: torch.nn.Module, splits, *, forgotten_classes: Sequence[int]
         keep = ~torch.isin(t_labels, torch.as_tensor(list(own_classes), device=t_labels.device))
     else:
         keep = None
+    if keep is not None:
+        t_logits_kept, t_labels_kept = t_logits[keep], t_labels[keep]
+    else:
+        t_logits_kept, t_labels_kept = t_logits, t_labels
     record = {
         "forget_acc": _accuracy(f_logits, f_labels),
         "retain_acc": _accuracy(r_logits, r_labels),
         "test_acc": _accuracy(t_logits, t_labels),
-        "test_acc_remaining": _accuracy(t_logits, t_labels) if keep is None else _accuracy(t_logits[keep], t_labels[keep]),
+        "test_acc_remaining": _accuracy(t_logits_kept, t_labels_kept),
         "entropy_mia": None,
         "loss_mia": None,
     }

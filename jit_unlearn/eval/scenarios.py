@@ -1,4 +1,4 @@
-"""Unlearning scenarios (full-class, sub-class, random subset) as forget/retain/test splits, and the retrain baseline."""
+"""Unlearning scenarios (full-class, sub-class, random subset) as forget/retain/test splits; the retrain baseline."""
 from __future__ import annotations
 
 import dataclasses
@@ -70,9 +70,15 @@ def dataset_labels(ds: Dataset) -> torch.Tensor:
         return dataset_labels(ds.dataset)[torch.as_tensor(ds.indices, dtype=torch.long)]
     if isinstance(ds, torch.utils.data.ConcatDataset):
         return torch.cat([dataset_labels(d) for d in ds.datasets])
-    if len(ds) == 0:
-        return torch.zeros(0, dtype=torch.long)
-    return torch.as_tensor([int(batch_labels(ds[i], name="dataset")) for i in range(len(ds))], dtype=torch.long)
+    return torch.as_tensor([_item_label(ds[i]) for i in range(len(ds))], dtype=torch.long)
+
+
+def _item_label(item) -> int:
+    if isinstance(item, (tuple, list)) and len(item) >= 2:
+        return int(item[-1])
+    if isinstance(item, Mapping):
+        return int(batch_labels(item, name="dataset"))
+    raise ValueError("dataset: items carry no labels; expected (x, y) or (x, ..., y) items")
 
 
 def _check_dataset(ds, name: str) -> None:
@@ -117,7 +123,7 @@ def full_class(train_ds: Dataset, cls: int | Sequence[int], test_ds: Dataset | N
 
     When `test_ds` is None, a seeded stratified `test_fraction` of `train_ds` is held out as the
     test set first (see `train_test_split`)."""
-    classes = (cls,) if isinstance(cls, int) else tuple(cls)
+    classes = (cls,) if isinstance(cls, int) else tuple(cls) if isinstance(cls, (list, tuple, range)) else ()
     if not classes or any(isinstance(c, bool) or not isinstance(c, int) for c in classes):
         raise TypeError(f"cls: expected an int class label or a sequence of them, got {cls!r}")
     train_ds, test_ds = _with_test(train_ds, test_ds, test_fraction, seed)

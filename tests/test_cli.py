@@ -1,0 +1,226 @@
+"""The `jit-unlearn` command: `run CONFIG` end to end, config errors, and `demo --fast`, as subprocesses."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from jit_unlearn import cli, models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLUMNS = ("method", "seconds", "forget acc", "retain acc", "test acc", "entropy MIA", "loss MIA")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"  # tiny models; avoids OpenMP hand-off costs on a shared machine
+    return env
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "jit_unlearn.cli", *args], capture_output=True, text=True,
+                          env=_env(), cwd=cwd, timeout=300)
+
+
+def _tiny_config(**changes):
+    cfg = {
+        "dataset": {"name": "digits"},
+        "model": {"name": "mlp", "kwargs": {"in_features": 64, "hidden": [32], "num_classes": 10}},
+        "train": {"epochs": 8, "lr": 0.05, "batch_size": 32},
+        "scenario": {"kind": "full_class", "class": 0},
+        "methods": [
+            {"name": "jit", "sigma": 1.0, "lr": 1e-3, "num_samples": 3, "batch_size": 64},
+            {"name": "ssd", "alpha": 5.0, "batch_size": 64},
+            {"name": "lf_ssd", "alpha": 5.0, "batch_size": 64, "label": "LF-SSD a5"},
+            {"name": "assd", "batch_size": 64},
+            {"name": "del", "epochs": 1, "lr": 0.05},
+        ],
+        "seed": 0,
+    }
+    for key, value in changes.items():
+        section, _, sub = key.partition(".")
+        if sub:
+            cfg[section] = {**cfg[section], sub: value}
+            if value is None:
+                del cfg[section][sub]
+        elif value is None:
+            del cfg[section]
+        else:
+            cfg[section] = value
+    return cfg
+
+
+def _check_rows(results, names):
+    rows = results["rows"]
+    assert [r["method"] for r in rows] == list(names)
+    for r in rows:
+        for key in ("forget_acc", "retain_acc", "test_acc", "test_acc_remaining", "entropy_mia", "loss_mia"):
+            assert 0.0 <= r[key] <= 1.0, (r["method"], key)
+        assert r["eval_seconds"] > 0
+
+
+def test_run_json_config_subprocess(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(_tiny_config()))
+    out = tmp_path / "out"
+    proc = _cli("run", str(path), "--out", str(out), "--quiet", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # --quiet: no bars, no step messages
+    header = proc.stdout.splitlines()[0]
+    assert all(c in header for c in COLUMNS)
+    results = json.loads((out / "results.json").read_text())
+    _check_rows(results, ["original", "retrain", "JiT", "SSD", "LF-SSD a5", "ASSD", "DEL"])
+    assert results["scenario"]["forget"] + results["scenario"]["retain"] + results["scenario"]["test"] == 1797
+    rows = {r["method"]: r for r in results["rows"]}
+    assert rows["original"]["forget_acc"] > 0.9 and rows["retrain"]["forget_acc"] == 0.0
+    assert all(rows[m]["seconds"] > 0 for m in rows)
+    assert (out / "results.png").stat().st_size > 0 and (out / "original.pt").is_file()
+    # the trained original is a weights_only checkpoint of the configured model
+    state = torch.load(out / "original.pt", weights_only=True)
+    models.MLP(64, (32,), 10).load_state_dict(state)
+
+
+def test_run_toml_with_checkpoint_random_scenario(tmp_path, capsys):
+    torch.manual_seed(0)
+    ckpt = tmp_path / "model.pt"
+    torch.save(models.MLP(64, (32,), 10).state_dict(), ckpt)
+    path = tmp_path / "cfg.toml"
+    path.write_text(f"""
+seed = 3
+retrain = false
+[dataset]
+name = "digits"
+[model]
+name = "mlp"
+kwargs = {{ in_features = 64, hidden = [32], num_classes = 10 }}
+checkpoint = "{ckpt.as_posix()}"
+[scenario]
+kind = "random"
+fraction = 0.1
+[[methods]]
+name = "ssd"
+alpha = 10.0
+""")
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    assert "original" in capsys.readouterr().out
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    _check_rows(results, ["original", "SSD"])
+    assert results["rows"][0]["seconds"] is None  # loaded, not trained
+    assert results["seed"] == 3 and results["scenario"]["forget"] == round(0.1 * 1438)
+    assert results["rows"][0]["test_acc_remaining"] == results["rows"][0]["test_acc"]
+
+
+def test_run_sub_class(tmp_path):
+    cfg = _tiny_config(scenario={"kind": "sub_class", "fine_class": 7, "coarse_of": [f % 2 for f in range(10)]},
+                       methods=[{"name": "lf_ssd", "alpha": 5.0}], retrain=False)
+    cfg["model"]["kwargs"]["num_classes"] = 2
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    _check_rows(results, ["original", "LF-SSD"])
+    assert results["scenario"]["forgotten_classes"] == [7]
+
+
+_BAD = [
+    (dict(**{"scenario.kind": "everything"}),
+     "config key 'scenario.kind': expected one of ['full_class', 'sub_class', 'random'], got 'everything'"),
+    (dict(dataset=None), "config key 'dataset': missing"),
+    (dict(**{"dataset.name": "imagenet"}), "config key 'dataset.name': expected one of"),
+    (dict(**{"dataset.test_fraction": 2}), "config key 'dataset.test_fraction'"),
+    (dict(**{"dataset.kwargs": {"colour": True}}), "config key 'dataset.kwargs'"),
+    (dict(**{"model.name": "vgg"}), "config key 'model.name'"),
+    (dict(**{"model.kwargs": {"in_features": 10}}), "config key 'model'"),
+    (dict(**{"model.kwargs": {"in_features": 64, "num_classes": 4}}), "config key 'model.kwargs'"),
+    (dict(**{"model.checkpoint": "/no/such/file.pt"}), "config key 'model.checkpoint': no such file"),
+    (dict(**{"train.lr": -1}), "config key 'train.lr'"),
+    (dict(**{"train.epoch": 3}), "config key 'train.epoch': unknown recipe key"),
+    (dict(**{"scenario.class": None}), "config key 'scenario.class': missing"),
+    (dict(**{"scenario.class": 42}), "config key 'scenario.class'"),
+    (dict(**{"scenario.fraction": 0.1}), "config key 'scenario.fraction': unknown key"),
+    (dict(methods=[]), "config key 'methods'"),
+    (dict(methods=[{"name": "magic"}]), "config key 'methods[0].name'"),
+    (dict(methods=[{"name": "jit", "sigmaa": 1.0, "lr": 0.1}]), "config key 'methods[0].sigmaa': not a parameter"),
+    (dict(methods=[{"name": "ssd"}, {"name": "ssd"}]), "config key 'methods[1].label': duplicate"),
+    (dict(methods=[{"name": "jit", "sigma": -1.0, "lr": 0.1}]), "config key 'methods[0]': JiT: sigma"),
+    (dict(seed="zero"), "config key 'seed'"),
+    (dict(colour="blue"), "config key 'colour': unknown key"),
+    (dict(dataset={"name": "cifar10", "root": "/nowhere"}), "config key 'dataset.root'"),
+]
+
+
+@pytest.mark.parametrize("changes,message", _BAD, ids=[m.split("'")[1] for _, m in _BAD])
+def test_bad_config_one_line(tmp_path, capsys, changes, message):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(_tiny_config(**changes)))
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: " + message), err
+    assert "\n" not in err
+
+
+def test_bad_files_and_flags(tmp_path, capsys):
+    bad_json = tmp_path / "cfg.json"
+    bad_json.write_text("{ not json")
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"weights": torch.zeros(2), "extra": _Opaque()}, unsafe)
+    cfg = tmp_path / "ok.json"
+    cfg.write_text(json.dumps(_tiny_config(**{"model.checkpoint": str(unsafe)})))
+    cases = [
+        (["run", str(tmp_path / "missing.toml")], "error: CONFIG: no such file"),
+        (["run", str(bad_json)], "error: " + str(bad_json) + ": not valid JSON"),
+        (["run", str(cfg)], "error: config key 'model.checkpoint': cannot load"),
+        (["run", str(cfg), "--device", "tpu"], "error: device: not a torch device"),
+        (["demo", "--forget-class", "12"], "error: --forget-class"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["run", str(cfg), "--device", "cuda"], "error: device: 'cuda' asked for, but CUDA is not"))
+    for argv, message in cases:
+        assert cli.main([*argv, "--quiet", "--out", str(tmp_path / "o")]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(message) and "\n" not in err, err
+
+
+class _Opaque:
+    pass
+
+
+def test_bad_config_subprocess_has_no_traceback(tmp_path):
+    path = tmp_path / "cfg.toml"
+    path.write_text('[dataset]\nname = "mnist"\n[model]\nname = "mlp"\n[scenario]\nkind = "half_class"\n'
+                    '[[methods]]\nname = "jit"\n')
+    proc = _cli("run", str(path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: config key 'scenario.kind': expected one of "
+                                   "['full_class', 'sub_class', 'random'], got 'half_class'")
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_demo_fast_subprocess(tmp_path):
+    proc = _cli("demo", "--fast", "--out", str(tmp_path / "demo"), "--seed", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "[1/8] training the original" in proc.stderr  # step messages and progress on stderr
+    lines = proc.stdout.strip().splitlines()
+    assert all(c in lines[0] for c in COLUMNS) and len(lines) == 2 + 7
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    _check_rows(results, ["original", "retrain", "JiT", "SSD", "LF-SSD", "ASSD", "DEL"])
+    assert results["seed"] == 1 and results["scenario"]["forgotten_classes"] == [3]
+    assert (tmp_path / "demo" / "results.png").stat().st_size > 0
+
+
+def test_table_format():
+    rows = [{"method": "m", "seconds": 1.25, "forget_acc": 0.5, "retain_acc": 1.0, "test_acc": 0.25,
+             "test_acc_remaining": float("nan"), "entropy_mia": None, "loss_mia": 0.125}]
+    lines = cli.format_table(rows).splitlines()
+    assert lines[2].split() == ["m", "1.2", "50.0%", "100.0%", "25.0%", "-", "-", "12.5%"]
