@@ -47,14 +47,18 @@ def extension_loaded() -> bool:
     return _LOADED
 
 
+def _probe_kernel(key: str) -> bool:
+    return _LOADED and bool(torch._C._dispatch_has_kernel_for_dispatch_key("jit_unlearn::perturb", key))
+
+
+# Probed once: the kernels register when _C loads.  A plain dict lookup, unlike the probe itself,
+# is traceable by torch.compile(fullgraph=True) through jit_unlearn.ops.
+_HAS_KERNEL = {"cpu": _probe_kernel("CPU"), "cuda": _probe_kernel("CUDA")}
+
+
 def has_kernel(device_type: str) -> bool:
     """True when the compiled extension has a kernel for `device_type` ("cpu" or "cuda")."""
-    if not _LOADED:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:
-        return False
-    return bool(torch._C._dispatch_has_kernel_for_dispatch_key("jit_unlearn::perturb", key))
+    return _HAS_KERNEL.get(device_type, False)
 
 
 def use_compiled(device: torch.device) -> bool:
