@@ -78,6 +78,22 @@ def test_compiled_matches_reference(dtype, shape):
 
 
 @requires_compiled
+def test_compiled_independent_of_thread_count():
+    out, out_perturbed, in_norm = _inputs(25, 64, 100, torch.float32, seed=31)
+    grad = torch.randn(25, 64)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            results.append((_fwd(out, out_perturbed, in_norm), *_bwd(grad, out, out_perturbed, in_norm, True)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+@requires_compiled
 @pytest.mark.parametrize("norm_dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_in_norm_any_float_dtype(norm_dtype):
     out, out_perturbed, in_norm = _inputs(3, 4, 20, torch.float32, seed=5, norm_dtype=norm_dtype)

@@ -17,7 +17,7 @@ namespace {
 
 // Independent partial sums per row: they break the add-latency chain and let the compiler vectorise
 // without reassociating (the summation order is fixed, whatever the instruction set).
-constexpr int64_t kLanes = 16;
+constexpr int64_t kLanes = 8;
 // Elements of work per parallel task, as at::internal::GRAIN_SIZE.
 constexpr int64_t kGrainElements = 32768;
 
