@@ -49,17 +49,20 @@ def extension_loaded() -> bool:
     return _LOADED
 
 
-# A constant under torch.compile, so the public ops trace with fullgraph=True.
-@torch.compiler.assume_constant_result
-def has_kernel(device_type: str) -> bool:
-    """True when the compiled extension has a kernel for `device_type` ("cpu" or "cuda")."""
-    if not _LOADED:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:
-        return False
+def _probe_kernels(key: str) -> bool:
     # A tier is usable only when every op has a kernel for the device.
-    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"jit_unlearn::{op}", key) for op in OPS)
+    return _LOADED and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"jit_unlearn::{op}", key) for op in OPS)
+
+
+# Probed once: the kernels register when _C loads.  A plain dict lookup, unlike the probe itself,
+# is traceable by torch.compile(fullgraph=True) through jit_unlearn.ops.
+_HAS_KERNEL = {"cpu": _probe_kernels("CPU"), "cuda": _probe_kernels("CUDA")}
+
+
+def has_kernel(device_type: str) -> bool:
+    """True when the compiled extension has a kernel for every op on `device_type` ("cpu" or "cuda")."""
+    return _HAS_KERNEL.get(device_type, False)
 
 
 def use_compiled(device: torch.device) -> bool:

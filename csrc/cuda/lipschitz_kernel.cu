@@ -1,0 +1,155 @@
+// CUDA kernels of lipschitz_ratio and _lipschitz_ratio_backward (a warp per row, then per-(b, k) sums).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "common/lipschitz_checks.h"
+#include "common/lipschitz_utils.h"
+
+namespace jit_unlearn {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kThreads = 256;
+constexpr int kRowsPerBlock = kThreads / kWarpSize;
+// Grid-stride loops cover the rest; this keeps every launch within the 1-D grid limit.
+constexpr int64_t kMaxBlocks = 65535;
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// One warp per (n, b) row: the lanes stride over k, then a butterfly sum.  Writes the ratio
+// (kCoef = false) or the backward coefficient grad / (num * in_norm) (kCoef = true) of each row.
+template <typename scalar_t, typename acc_t, bool kCoef>
+__global__ void lipschitz_row_kernel(const scalar_t* __restrict__ out, const scalar_t* __restrict__ out_perturbed,
+                                     const acc_t* __restrict__ in_norm, const acc_t* __restrict__ grad,
+                                     acc_t* __restrict__ result, int64_t rows, int64_t B, int64_t K) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
+  for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize; row < rows;
+       row += stride) {
+    const scalar_t* a = out + (row % B) * K;
+    const scalar_t* p = out_perturbed + row * K;
+    acc_t sq = acc_t(0);
+    for (int64_t k = lane; k < K; k += kWarpSize) {
+      sq = lipschitz_sq_diff_accumulate<acc_t>(sq, static_cast<acc_t>(a[k]), static_cast<acc_t>(p[k]));
+    }
+    sq = warp_sum(sq);
+    if (lane == 0) {
+      if constexpr (kCoef) {
+        result[row] = lipschitz_backward_coef<acc_t>(grad[row], sq, in_norm[row]);
+      } else {
+        result[row] = lipschitz_ratio_value<acc_t>(sq, in_norm[row]);
+      }
+    }
+  }
+}
+
+// One thread per (b, k): grad_out[b, k] = sum_n term_nbk, grad_out_perturbed[n, b, k] = -term_nbk
+// (skipped when grad_perturbed is null).  Consecutive threads read consecutive k: coalesced.
+template <typename scalar_t, typename acc_t>
+__global__ void lipschitz_grad_kernel(const scalar_t* __restrict__ out, const scalar_t* __restrict__ out_perturbed,
+                                      const acc_t* __restrict__ coef, scalar_t* __restrict__ grad_out,
+                                      scalar_t* __restrict__ grad_perturbed, int64_t N, int64_t B, int64_t K) {
+  const int64_t BK = B * K;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < BK; i += stride) {
+    const int64_t b = i / K;
+    const acc_t o = static_cast<acc_t>(out[i]);
+    acc_t acc = acc_t(0);
+    for (int64_t n = 0; n < N; ++n) {
+      const acc_t t = lipschitz_grad_term<acc_t>(o, static_cast<acc_t>(out_perturbed[n * BK + i]), coef[n * B + b]);
+      acc += t;
+      if (grad_perturbed != nullptr) grad_perturbed[n * BK + i] = static_cast<scalar_t>(-t);
+    }
+    grad_out[i] = static_cast<scalar_t>(acc);
+  }
+}
+
+at::ScalarType opmath_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+unsigned int blocks_for(int64_t work_items, int64_t per_block) {
+  return static_cast<unsigned int>(std::min<int64_t>((work_items + per_block - 1) / per_block, kMaxBlocks));
+}
+
+}  // namespace
+
+// ratio [N, B] in opmath dtype = ||out_b - out_perturbed_nb||_2 / in_norm_nb (0 where in_norm_nb <= 0).
+at::Tensor lipschitz_ratio_cuda(const at::Tensor& out, const at::Tensor& out_perturbed, const at::Tensor& in_norm) {
+  check_lipschitz_args("lipschitz_ratio", out, out_perturbed, in_norm);
+  const c10::cuda::CUDAGuard device_guard(out.device());
+  const int64_t N = out_perturbed.size(0), B = out.size(0), K = out.size(1);
+  const auto acc_type = opmath_scalar_type(out.scalar_type());
+  const at::Tensor o = out.contiguous();
+  const at::Tensor p = out_perturbed.contiguous();
+  const at::Tensor den = in_norm.to(acc_type).contiguous();
+  at::Tensor ratio = at::empty({N, B}, out.options().dtype(acc_type));
+  const int64_t rows = N * B;
+  if (rows == 0) return ratio;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "lipschitz_ratio_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    lipschitz_row_kernel<scalar_t, acc_t, false><<<blocks_for(rows, kRowsPerBlock), kThreads, 0, stream>>>(
+        o.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(), den.const_data_ptr<acc_t>(), nullptr,
+        ratio.mutable_data_ptr<acc_t>(), rows, B, K);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return ratio;
+}
+
+// (grad_out [B, K] in out.dtype, grad_out_perturbed [N, B, K] in out_perturbed.dtype or [0]).
+std::tuple<at::Tensor, at::Tensor> lipschitz_ratio_backward_cuda(const at::Tensor& grad, const at::Tensor& out,
+                                                                 const at::Tensor& out_perturbed,
+                                                                 const at::Tensor& in_norm,
+                                                                 bool compute_perturbed_grad) {
+  check_lipschitz_args("_lipschitz_ratio_backward", out, out_perturbed, in_norm);
+  check_lipschitz_grad("_lipschitz_ratio_backward", grad, out, out_perturbed);
+  const c10::cuda::CUDAGuard device_guard(out.device());
+  const int64_t N = out_perturbed.size(0), B = out.size(0), K = out.size(1);
+  const auto acc_type = opmath_scalar_type(out.scalar_type());
+  const at::Tensor o = out.contiguous();
+  const at::Tensor p = out_perturbed.contiguous();
+  const at::Tensor den = in_norm.to(acc_type).contiguous();
+  const at::Tensor g = grad.to(acc_type).contiguous();
+  at::Tensor grad_out = at::empty({B, K}, out.options());
+  at::Tensor grad_pert = compute_perturbed_grad ? at::empty({N, B, K}, out_perturbed.options())
+                                                : at::empty({0}, out_perturbed.options());
+  if (grad_out.numel() == 0) return {grad_out, grad_pert};
+  at::Tensor coef = at::empty({N, B}, out.options().dtype(acc_type));
+  const int64_t rows = N * B;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "lipschitz_ratio_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (rows > 0) {
+      lipschitz_row_kernel<scalar_t, acc_t, true><<<blocks_for(rows, kRowsPerBlock), kThreads, 0, stream>>>(
+          o.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(), den.const_data_ptr<acc_t>(),
+          g.const_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>(), rows, B, K);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    lipschitz_grad_kernel<scalar_t, acc_t><<<blocks_for(B * K, kThreads), kThreads, 0, stream>>>(
+        o.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t>(),
+        grad_out.mutable_data_ptr<scalar_t>(),
+        compute_perturbed_grad ? grad_pert.mutable_data_ptr<scalar_t>() : nullptr, N, B, K);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_out, grad_pert};
+}
+
+TORCH_LIBRARY_IMPL(jit_unlearn, CUDA, m) {
+  m.impl("lipschitz_ratio", &lipschitz_ratio_cuda);
+  m.impl("_lipschitz_ratio_backward", &lipschitz_ratio_backward_cuda);
+}
+
+}  // namespace jit_unlearn
