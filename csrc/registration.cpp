@@ -13,8 +13,9 @@ TORCH_LIBRARY(jit_unlearn, m) {
   m.def(
       "_lipschitz_ratio_backward(Tensor grad, Tensor out, Tensor out_perturbed, Tensor in_norm, "
       "bool compute_perturbed_grad) -> (Tensor, Tensor)");
-  // acc[i] += scale * g[i]^2 (mode "square") or scale * |g[i]| (mode "abs").
-  m.def("accumulate_importance_(Tensor(a!)[] acc, Tensor[] grads, str mode, float scale) -> ()");
+  // acc[i] += scale * g[i]^2 ("square") or scale * |g[i]| ("abs").  The argument is not called `mode`:
+  // torch.compile's auto-functionalization passes op arguments as keywords, and `mode` collides there.
+  m.def("accumulate_importance_(Tensor(a!)[] acc, Tensor[] grads, str importance_mode, float scale) -> ()");
   // SSD dampening (ALGORITHMS.md section 2); returns the selected-element count per tensor (int64 [T]).
   m.def(
       "ssd_dampen_(Tensor(a!)[] params, Tensor[] imp_forget, Tensor[] imp_full, float alpha, float lam, "

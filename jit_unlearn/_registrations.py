@@ -24,7 +24,7 @@ if _backend.extension_loaded():
         return out.new_empty(tuple(out.shape)), out_perturbed.new_empty(shape)
 
     @torch.library.register_fake("jit_unlearn::accumulate_importance_")
-    def _accumulate_importance_fake(acc, grads, mode, scale):
+    def _accumulate_importance_fake(acc, grads, importance_mode, scale):
         return None
 
     @torch.library.register_fake("jit_unlearn::ssd_dampen_")

@@ -234,7 +234,8 @@ def ssd_dampen_(params: list[torch.Tensor], imp_forget: list[torch.Tensor], imp_
         w = (l_ * do) / torch.where(selected, fo, torch.ones_like(fo))
         if exponent != 1.0:
             w = w.pow(exponent)
-        w = torch.where(w > 1, torch.ones_like(w), w)
+        # min(w, 1) written so that a NaN factor (only I_f = inf with lam * I_D = inf) keeps theta.
+        w = torch.where(w <= 1, w, torch.ones_like(w))
         new = torch.where(selected, p.to(op) * w, p.to(op))
         p.copy_(new.to(p.dtype))
         counts.append(selected.sum())

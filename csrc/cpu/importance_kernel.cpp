@@ -1,0 +1,59 @@
+// CPU kernel of accumulate_importance_: a loop over the tensors, each walked by a vectorised at::parallel_for kernel.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/importance_utils.h"
+#include "common/tensor_list_args.h"
+
+namespace jit_unlearn {
+namespace {
+
+constexpr int64_t kGrainSize = 32768;
+
+template <ImportanceMode kMode, typename acc_t, typename grad_t>
+void accumulate_tensor(const at::Tensor& acc, const at::Tensor& grad, double scale) {
+  using opmath_t = at::opmath_type<acc_t>;
+  acc_t* a = acc.data_ptr<acc_t>();
+  const grad_t* g = grad.const_data_ptr<grad_t>();
+  const opmath_t scale_ = static_cast<opmath_t>(scale);
+  at::parallel_for(0, acc.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      a[i] = static_cast<acc_t>(
+          accumulate_importance<kMode>(static_cast<opmath_t>(a[i]), static_cast<opmath_t>(g[i]), scale_));
+    }
+  });
+}
+
+}  // namespace
+
+// acc[i] += scale * grads[i]^2 ("square") or scale * |grads[i]| ("abs"), in acc[i]'s opmath dtype.
+// acc[i] and grads[i] may have different floating dtypes.
+void accumulate_importance_cpu(at::TensorList acc, at::TensorList grads, c10::string_view importance_mode, double scale) {
+  const ImportanceMode mode = parse_importance_mode(importance_mode);
+  check_accumulate_importance_args(acc, grads, scale, at::kCPU);
+  for (size_t i = 0; i < acc.size(); ++i) {
+    if (acc[i].numel() == 0) {
+      continue;
+    }
+    const at::Tensor grad = match_layout(grads[i], acc[i], grads[i].scalar_type());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, acc[i].scalar_type(), "accumulate_importance_cpu", [&] {
+      using acc_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "accumulate_importance_cpu", [&] {
+        if (mode == ImportanceMode::kSquare) {
+          accumulate_tensor<ImportanceMode::kSquare, acc_t, scalar_t>(acc[i], grad, scale);
+        } else {
+          accumulate_tensor<ImportanceMode::kAbs, acc_t, scalar_t>(acc[i], grad, scale);
+        }
+      });
+    });
+  }
+}
+
+TORCH_LIBRARY_IMPL(jit_unlearn, CPU, m) {
+  m.impl("accumulate_importance_", &accumulate_importance_cpu);
+}
+
+}  // namespace jit_unlearn
