@@ -70,6 +70,43 @@ FAST_RECIPE = {**DEMO_RECIPE, "epochs": 3}
 FAST_OVERRIDES = {"jit": {"num_samples": 4}, "del": {"epochs": 1}}
 
 
+CONFIG_EXAMPLE = """example config (TOML; the same keys work in JSON):
+
+  seed = 0                      # splits, training, methods, MIA folds
+  device = "auto"               # cpu | cuda | cuda:N | auto
+  out = "runs/cifar10_class0"   # results.json, results.png, original.pt
+  retrain = true                # also train the retrain-from-scratch reference
+
+  [dataset]
+  name = "cifar10"              # mnist | digits | synthetic_cifar | cifar10 | cifar100
+  root = "/data"                # cifar: the folder holding cifar-10-batches-py / cifar-100-python
+  # kwargs = { ... }            # passed to jit_unlearn.data.load; test_fraction = 0.2 for the
+                                # one-split sets (mnist, digits, synthetic_cifar)
+  [model]
+  name = "resnet18"             # mlp | small_cnn | resnet18
+  kwargs = { num_classes = 10 }
+  checkpoint = "resnet18.pt"    # a state_dict, loaded with weights_only=True; omit to train one
+
+  [train]                       # the recipe for the original (no checkpoint) and the retrain
+  epochs = 30
+  lr = 0.1
+  batch_size = 128              # optimizer = "sgd" | "adam", momentum, weight_decay,
+                                # schedule = "cosine" | "constant", label_smoothing, seed
+  [scenario]
+  kind = "full_class"           # full_class: class = 0 (or a list) | random: fraction = 0.1 |
+  class = 0                     # sub_class: fine_class = 69, coarse_of = [...] (cifar100: optional)
+
+  [[methods]]                   # any number; every key but name/label is a keyword argument
+  name = "jit"                  # jit | ssd | lf_ssd | assd | del
+  sigma = 0.5
+  lr = 3e-4
+
+  [[methods]]
+  name = "ssd"
+  alpha = 10.0
+"""
+
+
 class UserError(Exception):
     """A mistake in the command line or the config: reported as one line, exit code 2."""
 
@@ -485,7 +522,7 @@ def run_experiment(exp: Experiment, *, train_ds=None, test_ds=None, coarse_of=No
     original.eval()
 
     def evaluated(model):
-        return evaluate(model, splits, seed=exp.seed)
+        return evaluate(model, splits, seed=exp.seed, progress=not exp.quiet)
 
     rows = [_row("original", train_seconds, evaluated(original), kind="original")]
     if exp.retrain:
@@ -504,7 +541,7 @@ def run_experiment(exp: Experiment, *, train_ds=None, test_ds=None, coarse_of=No
         _sync(exp.device)
         seconds = time.perf_counter() - start
         rows.append(_row(spec.label, seconds, evaluated(model), kind="method", name=spec.name,
-                         params={k: v for k, v in spec.params.items()}))
+                         params=dict(spec.params)))
         del model
     announce("writing results")
     results = {
@@ -518,20 +555,29 @@ def run_experiment(exp: Experiment, *, train_ds=None, test_ds=None, coarse_of=No
         "environment": _environment(),
         "rows": rows,
     }
-    with open(os.path.join(exp.out, "results.json"), "w") as fh:
-        json.dump(results, fh, indent=2, default=_json_default)
-    print(format_table(rows))
+    print(format_table(rows), flush=True)
     plot_note = write_plot(rows, os.path.join(exp.out, "results.png"), title=title)
-    _say(exp, f"wrote {os.path.join(exp.out, 'results.json')}" + (f"; {plot_note}" if plot_note else
-                                                                    f" and {os.path.join(exp.out, 'results.png')}"))
+    results["plot"] = plot_note or "results.png"
+    with open(os.path.join(exp.out, "results.json"), "w") as fh:
+        json.dump(_plain(results), fh, indent=2)
+    if plot_note:
+        print(f"note: {plot_note}", file=sys.stderr)
+    _say(exp, f"wrote {os.path.join(exp.out, 'results.json')}" + ("" if plot_note else " and results.png"))
     return results
 
 
-def _json_default(value):
+def _plain(value):
+    """`value` with NaN/inf as null and tensors as lists, so results.json is strict JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
     if isinstance(value, torch.Tensor):
-        return value.tolist()
+        return _plain(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
     return str(value)
 
 
@@ -664,12 +710,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jit-unlearn", description="Machine unlearning: demo and experiments.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,run}")
     demo = sub.add_parser("demo", parents=[common], help="unlearn one MNIST digit with every method, vs retraining",
-                          description="Train a small CNN on bundled MNIST and a retrained baseline, unlearn one "
-                                      "digit with JiT, SSD, LF-SSD, ASSD and DEL, and compare.")
+                          description="Train an MLP on bundled MNIST and a retrained baseline, unlearn one "
+                                      "digit with JiT, SSD, LF-SSD, ASSD and DEL, and compare (hyper-parameters "
+                                      "tuned for digit 3; see the jit_unlearn.cli module docstring).")
     demo.add_argument("--fast", action="store_true", help="a tiny subset and budgets (seconds; for tests)")
     demo.add_argument("--forget-class", type=int, default=DEMO_FORGET_CLASS, help="the digit to forget (default 3)")
     run = sub.add_parser("run", parents=[common], help="run an experiment described by a TOML or JSON file",
-                         description="Run a TOML/JSON experiment: dataset, model, train, scenario, methods.")
+                         description="Run a TOML/JSON experiment: dataset, model, train, scenario, methods.",
+                         epilog=CONFIG_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("config", help="path to the .toml or .json experiment file")
     return parser
 

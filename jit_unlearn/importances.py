@@ -40,16 +40,15 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 def _invalid_names(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     """Names whose tensor holds a NaN, an inf or a negative value (one host sync in all)."""
-    names, flags = [], []
+    names, bounds = [], []
     for name, t in tensors.items():
-        if t.numel() == 0:
-            continue
-        lo, hi = torch.aminmax(t.detach())
-        names.append(name)
-        flags.append(torch.logical_and(lo >= 0, hi < math.inf))  # NaN fails both comparisons
-    if not flags:
+        if t.numel():
+            names.append(name)
+            bounds.append(torch.stack(torch.aminmax(t.detach())).double())
+    if not names:
         return []
-    ok = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+    b = torch.stack([x.to(bounds[0].device) for x in bounds])
+    ok = ((b[:, 0] >= 0) & (b[:, 1] < math.inf)).tolist()  # NaN fails both tests
     return [n for n, good in zip(names, ok) if not good]
 
 
@@ -437,7 +436,8 @@ class _PerSamplePlan:
             finally:
                 taps.active = False
             # a module this sample never reached contributes nothing (its probe gradient is 0)
-            inputs = {m: taps.inputs.get(m, out.new_zeros(taps.modules[m].in_features)) for m in probes}
+            inputs = {m: taps.inputs[m] if m in taps.inputs else out.new_zeros(taps.modules[m].in_features)
+                      for m in probes}
             taps.probes, taps.inputs = {}, {}
             return _loss(out, None if y is None else y.unsqueeze(0), kind), inputs
 

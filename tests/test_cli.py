@@ -219,6 +219,23 @@ def test_demo_fast_subprocess(tmp_path):
     assert (tmp_path / "demo" / "results.png").stat().st_size > 0
 
 
+def test_help_example_config_is_valid():
+    import tomllib
+
+    text = "\n".join(line for line in cli.CONFIG_EXAMPLE.splitlines()[1:] if not line.strip().startswith("checkpoint"))
+    exp = cli.parse_config(tomllib.loads(text), device="cpu")
+    assert [m.name for m in exp.methods] == ["jit", "ssd"] and exp.recipe.epochs == 30
+    assert exp.scenario == {"kind": "full_class", "class": 0} and exp.out == "runs/cifar10_class0"
+
+
+def test_plot_is_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    rows = [{"method": "m", "seconds": 1.0, "forget_acc": 0.5, "test_acc_remaining": 0.9, "entropy_mia": 0.1,
+             "loss_mia": 0.5, "kind": "method"}]
+    note = cli.write_plot(rows, str(tmp_path / "p.png"))
+    assert "matplotlib is not installed" in note and not (tmp_path / "p.png").exists()
+
+
 def test_table_format():
     rows = [{"method": "m", "seconds": 1.25, "forget_acc": 0.5, "retain_acc": 1.0, "test_acc": 0.25,
              "test_acc_remaining": float("nan"), "entropy_mia": None, "loss_mia": 0.125}]

@@ -254,7 +254,9 @@ def test_evaluate_record_matches_the_single_metrics(digits_setup, published_valu
     five = Subset(test, torch.nonzero(labels_test != 5).flatten().tolist())
     assert evaluate(model, splits, forgotten_classes=[5], mia=False)["test_acc_remaining"] == pytest.approx(
         accuracy(model, five), abs=1e-12)
+    state = torch.get_rng_state()
     no_classes = evaluate(model, Splits(forget, retain, test), mia=False)
+    assert torch.equal(torch.get_rng_state(), state)  # evaluation draws nothing from the global RNG
     assert no_classes["test_acc_remaining"] == no_classes["test_acc"]
     assert no_classes["entropy_mia"] is None and no_classes["loss_mia"] is None
 

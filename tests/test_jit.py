@@ -1,5 +1,4 @@
-"""Tests of jit_unlearn.jit: reference mode against a literal transcription of ALGORITHMS.md section 1,
-default mode against a plain-PyTorch composition, tiers, modes, chunking, forgetting, safety."""
+"""jit_unlearn.jit against literal transcriptions of ALGORITHMS.md section 1, plus forgetting and safety."""
 import copy
 
 import pytest

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from .._utils import as_batches, batch_input, batch_labels, check_logits, model_device, module_mode
+from .._utils import as_batches, batch_input, batch_labels, check_logits, model_device, module_mode, progress
 
 EVAL_BATCH_SIZE = 512
 
@@ -20,7 +20,7 @@ EVAL_BATCH_SIZE = 512
 _ENTROPY_MIA_C = 2.0
 
 
-def _outputs(model: torch.nn.Module, data, *, name: str, labels: bool, batch_size: int | None):
+def _outputs(model: torch.nn.Module, data, *, name: str, labels: bool, batch_size: int | None, show: bool):
     """Logits [N, K] (float32 or wider) and, if asked, labels [N] int64, both on the model's device,
     from one no-grad pass over `data`.  The caller sets eval mode."""
     if isinstance(data, DataLoader):
@@ -30,7 +30,7 @@ def _outputs(model: torch.nn.Module, data, *, name: str, labels: bool, batch_siz
         batches = as_batches(data, batch_size or EVAL_BATCH_SIZE, name=name, generator=torch.Generator())
     device = model_device(model)
     outs, ys = [], []
-    for batch in batches:
+    for batch in progress(batches, enabled=show, desc=f"evaluate ({name})"):
         x = batch_input(batch, name=name).to(device, non_blocking=True)
         out = check_logits(model(x), x.shape[0], name="model")
         outs.append(out if out.dtype in (torch.float32, torch.float64) else out.float())
@@ -44,9 +44,9 @@ def _outputs(model: torch.nn.Module, data, *, name: str, labels: bool, batch_siz
     return logits, (torch.cat(ys) if labels else None)
 
 
-def _forward(model, data, *, name: str, labels: bool = True, batch_size: int | None = None):
+def _forward(model, data, *, name: str, labels: bool = True, batch_size: int | None = None, show: bool = False):
     with torch.no_grad(), module_mode(model, False):
-        return _outputs(model, data, name=name, labels=labels, batch_size=batch_size)
+        return _outputs(model, data, name=name, labels=labels, batch_size=batch_size, show=show)
 
 
 def _entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,8 @@ def _split_sets(splits):
 
 
 def evaluate(model: torch.nn.Module, splits, *, forgotten_classes: Sequence[int] | None = None,
-             mia: bool = True, n_splits: int = 10, seed: int = 0, batch_size: int | None = None) -> dict:
+             mia: bool = True, n_splits: int = 10, seed: int = 0, batch_size: int | None = None,
+             progress: bool = False) -> dict:
     """One evaluation record of `model` on a `Splits` (or a mapping with forget/retain/test).
 
     One batched no-grad forward per split (eval mode, the model's device, modes restored) feeds every
@@ -153,12 +154,14 @@ def evaluate(model: torch.nn.Module, splits, *, forgotten_classes: Sequence[int]
     `forget_acc`, `retain_acc`, `test_acc`; `test_acc_remaining`, the test accuracy over samples
     outside the forgotten classes (`forgotten_classes` if given, else the splits' own; equal to
     `test_acc` when no class is forgotten); `entropy_mia` and `loss_mia` (see those functions;
-    skipped, None, when `mia` is False); `seconds`, the wall time of the evaluation."""
+    skipped, None, when `mia` is False); `seconds`, the wall time of the evaluation.  `progress`
+    shows a tqdm bar per split."""
     start = time.perf_counter()
     (forget, retain, test), own_classes, test_keep = _split_sets(splits)
-    f_logits, f_labels = _forward(model, forget, name="forget", batch_size=batch_size)
-    r_logits, r_labels = _forward(model, retain, name="retain", batch_size=batch_size)
-    t_logits, t_labels = _forward(model, test, name="test", batch_size=batch_size)
+    show = progress
+    f_logits, f_labels = _forward(model, forget, name="forget", batch_size=batch_size, show=show)
+    r_logits, r_labels = _forward(model, retain, name="retain", batch_size=batch_size, show=show)
+    t_logits, t_labels = _forward(model, test, name="test", batch_size=batch_size, show=show)
     if forgotten_classes is not None:
         classes = torch.as_tensor(list(forgotten_classes), dtype=torch.long, device=t_labels.device)
         keep = ~torch.isin(t_labels, classes)
