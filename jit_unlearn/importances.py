@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from . import _backend, ops, reference
+from . import _backend, distributed, ops, reference
 from ._utils import as_batches, batch_input, batch_labels, check_logits, model_device, module_mode
 from ._utils import progress as progress_bar
 
@@ -242,6 +242,9 @@ def importances(model: torch.nn.Module, loader, *, kind: str = "fisher", per_sam
     Returns:
         Importances with one tensor per named parameter (its shape and dtype, on its device);
         parameters that get no gradient (frozen or unused) have zero importance.
+    Under torch.distributed (e.g. torchrun), each rank reads its share of the batches
+    (`distributed.shard_batches`), and every rank gets the result over all of them
+    (docs/DISTRIBUTED.md).
     """
     kind = _check_kind(kind)
     if not isinstance(per_sample, bool):
@@ -251,17 +254,23 @@ def importances(model: torch.nn.Module, loader, *, kind: str = "fisher", per_sam
         raise ValueError(f"max_batch_elems: must be a positive int, got {max_batch_elems!r}")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    batches = as_batches(loader, batch_size, name=name)
+    batches = distributed.shard_batches(as_batches(loader, batch_size, name=name))
     named = list(model.named_parameters())
     if not any(p.requires_grad for _, p in named):
         raise ValueError("model: has no parameter that requires grad")
     acc = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in named}
+    distributed.check_same_model(model)
     with module_mode(model, False), torch.enable_grad():
         if per_sample:
             num_batches, num_samples = _per_sample_pass(model, batches, acc, kind, progress,
                                                         max_batch_elems or DEFAULT_MAX_BATCH_ELEMS, name)
         else:
             num_batches, num_samples = _batch_pass(model, batches, acc, kind, progress, name)
+    if distributed.is_active():  # each rank read its share of the batches: sum the sums and counts
+        distributed.all_reduce_sum_(list(acc.values()))
+        num_batches, num_samples = distributed.all_reduce_count([num_batches, num_samples])
+        if num_batches == 0:
+            raise ValueError(f"{name}: yields no batches (empty)")
     divisor = float(num_samples if per_sample else num_batches)
     for t in acc.values():
         t.div_(divisor)  # true division by the count, as the published code does
@@ -304,7 +313,7 @@ def _batch_pass(model, batches, acc, kind, show, name) -> tuple[int, int]:
             checked = True
         num_batches += 1
         num_samples += x.shape[0]
-    if num_batches == 0:
+    if num_batches == 0 and not distributed.is_active():  # a rank's share may be empty
         raise ValueError(f"{name}: yields no batches (empty)")
     return num_batches, num_samples
 
@@ -404,7 +413,7 @@ def _per_sample_pass(model, batches, acc, kind, show, max_elems, name) -> tuple[
             num_samples += x.shape[0]
     finally:
         taps.remove()
-    if num_batches == 0:
+    if num_batches == 0 and not distributed.is_active():  # a rank's share may be empty
         raise ValueError(f"{name}: yields no batches (empty)")
     return num_batches, num_samples
 
