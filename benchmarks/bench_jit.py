@@ -1,10 +1,14 @@
 """JiT vs its floor (the model alone doing the same forwards and step) and vs the published loop.
 
 Run: python -m pytest benchmarks/bench_jit.py --benchmark-only
+ or: python benchmarks/bench_jit.py [digits_mlp|cifar_resnet18] --rounds R --threads T  (interleaved)
 Per group, divide `default` by the `floor_*` rows (target <= 1.10) and `reference` by
 `transcription` (target <= 1.0).  Models: a digits MLP and a CIFAR-shaped ResNet-18.
 """
+import argparse
 import copy
+import statistics
+import time
 
 import pytest
 import torch
@@ -65,21 +69,24 @@ def _floor(model, x_batches, noisy_batches, lr, batched):
         sgd.step()
 
 
+def _floor_variants(case):
+    """(model in eval mode, rounds, {variant: fn(model copy)}) for the default-vs-floor group."""
+    model, forget, bs, n, sigma, lr, rounds = _make(case)
+    model.eval()
+    x_batches = list(forget.split(bs))
+    noisy = [reference.perturb(x, n, sigma, 0, t, True)[0] for t, x in enumerate(x_batches)]
+    return model, rounds, {
+        "default": lambda m: jit(m, forget, sigma=sigma, lr=lr, num_samples=n, batch_size=bs, progress=False),
+        "floor_sequential": lambda m: _floor(m, x_batches, noisy, lr, batched=False),
+        "floor_batched": lambda m: _floor(m, x_batches, noisy, lr, batched=True),
+    }
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("variant", ["default", "floor_sequential", "floor_batched"])
 def test_default_vs_floor(benchmark, case, variant):
-    model, forget, bs, n, sigma, lr, rounds = _make(case)
-    model.eval()
-    if variant == "default":
-        def fn(m):
-            jit(m, forget, sigma=sigma, lr=lr, num_samples=n, batch_size=bs, progress=False)
-    else:
-        x_batches = list(forget.split(bs))
-        noisy = [reference.perturb(x, n, sigma, 0, t, True)[0] for t, x in enumerate(x_batches)]
-
-        def fn(m):
-            _floor(m, x_batches, noisy, lr, batched=variant == "floor_batched")
-    _run(benchmark, f"jit-{case}", fn, model, rounds)
+    model, rounds, fns = _floor_variants(case)
+    _run(benchmark, f"jit-{case}", fns[variant], model, rounds)
 
 
 def _published_loop(model, forget, bs, n, sigma, lr):
@@ -108,15 +115,48 @@ def _published_loop(model, forget, bs, n, sigma, lr):
         optimizer.step()
 
 
+def _reference_variants(case):
+    """(model in train mode, rounds, {variant: fn(model copy)}) for the reference group."""
+    model, forget, bs, n, sigma, lr, rounds = _make(case)
+    model.train()
+    return model, rounds, {
+        "reference": lambda m: jit(m, forget, sigma=sigma, lr=lr, num_samples=n, batch_size=bs,
+                                   mode="reference", progress=False),
+        "transcription": lambda m: _published_loop(m, forget, bs, n, sigma, lr),
+    }
+
+
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("variant", ["reference", "transcription"])
 def test_reference_vs_transcription(benchmark, case, variant):
-    model, forget, bs, n, sigma, lr, rounds = _make(case)
-    model.train()
-    if variant == "reference":
-        def fn(m):
-            jit(m, forget, sigma=sigma, lr=lr, num_samples=n, batch_size=bs, mode="reference", progress=False)
-    else:
-        def fn(m):
-            _published_loop(m, forget, bs, n, sigma, lr)
-    _run(benchmark, f"jit-reference-{case}", fn, model, rounds)
+    model, rounds, fns = _reference_variants(case)
+    _run(benchmark, f"jit-reference-{case}", fns[variant], model, rounds)
+
+
+def _interleaved(case, rounds, threads):
+    """Time every variant of both groups in alternation (one warm-up round), so that load changes on
+    a shared machine hit all of them alike; print min and median seconds and the ratios."""
+    torch.set_num_threads(threads)
+    for (model, _, fns), base in ((_floor_variants(case), "floor_batched"), (_reference_variants(case), "transcription")):
+        times = {name: [] for name in fns}
+        for r in range(rounds + 1):
+            for name, fn in fns.items():
+                m = copy.deepcopy(model)
+                start = time.perf_counter()
+                fn(m)
+                if r:
+                    times[name].append(time.perf_counter() - start)
+        stats = {name: (min(t), statistics.median(t)) for name, t in times.items()}
+        for name, (lo, mid) in stats.items():
+            print(f"{case:15s} {name:17s} min {lo:9.4f} s  median {mid:9.4f} s  "
+                  f"ratio to {base}: min {lo / stats[base][0]:.3f} median {mid / stats[base][1]:.3f}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=_interleaved.__doc__)
+    parser.add_argument("cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    for name in args.cases:
+        _interleaved(name, args.rounds, args.threads)

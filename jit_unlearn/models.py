@@ -1,4 +1,4 @@
-"""Small reference classifiers: an MLP, a small CNN, and a CIFAR-style ResNet-18 (3x3 stem)."""
+"""Small reference classifiers: an MLP, two small CNNs, and a CIFAR-style ResNet-18 (3x3 stem)."""
 from __future__ import annotations
 
 import torch
@@ -37,6 +37,31 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.dropout(torch.flatten(self.features(x), 1)))
+
+
+class ConvNet(nn.Module):
+    """LeNet-style CNN without BatchNorm or global pooling, for [B, in_channels, 28, 28] (MNIST):
+    conv5x5 (width) -> ReLU -> maxpool2 -> conv5x5 (2 width) -> ReLU -> maxpool2 -> flatten
+    (2 width x 4 x 4) -> Linear hidden -> ReLU -> Linear num_classes.  Unpadded convolutions:
+    28 -> 24 -> 12 -> 8 -> 4."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, hidden: int = 128,
+                 image_size: int = 28):
+        super().__init__()
+        side = ((image_size - 4) // 2 - 4) // 2
+        if side < 1:
+            raise ValueError(f"image_size: expected at least 16 (two 5x5 convolutions and 2x2 pools), got {image_size}")
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * width * side * side, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
 
 
 class BasicBlock(nn.Module):
@@ -86,8 +111,8 @@ class ResNet18(nn.Module):
 
 
 def build(name: str, **kwargs) -> nn.Module:
-    """Build a model by name: "mlp", "small_cnn" or "resnet18"."""
-    factories = {"mlp": MLP, "small_cnn": SmallCNN, "resnet18": ResNet18}
+    """Build a model by name: "mlp", "small_cnn", "convnet" or "resnet18"."""
+    factories = {"mlp": MLP, "small_cnn": SmallCNN, "convnet": ConvNet, "resnet18": ResNet18}
     if name not in factories:
         raise ValueError(f"model: unknown name {name!r}; expected one of {sorted(factories)}")
     return factories[name](**kwargs)
