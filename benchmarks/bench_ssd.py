@@ -14,44 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn as ju
+import published  # tests/published.py, on sys.path via benchmarks/conftest.py
 from jit_unlearn.data import digits
 from jit_unlearn.models import MLP, ResNet18, SmallCNN
-
-
-# ---------------------------------------------------------------- published code, transcribed
-
-def published_calc_importance(model, loader, label_free=False):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    imps = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
-    for batch in loader:
-        x = batch[0]
-        opt.zero_grad()
-        out = model(x)
-        loss = torch.norm(out, p="fro", dim=1).pow(2).mean() if label_free else nn.CrossEntropyLoss()(out, batch[-1])
-        loss.backward()
-        for (_, p), (_, imp) in zip(model.named_parameters(), imps.items()):
-            if p.grad is not None:
-                imp.data += p.grad.data.clone().abs() if label_free else p.grad.data.clone().pow(2)
-    for imp in imps.values():
-        imp.data /= float(len(loader))
-    return imps
-
-
-def published_modify_weight(model, original, forget, alpha, lam):
-    with torch.no_grad():
-        for (_, p), (_, oimp), (_, fimp) in zip(model.named_parameters(), original.items(), forget.items()):
-            locations = torch.where(fimp > oimp.mul(alpha))
-            weight = ((oimp.mul(lam)).div(fimp)).pow(1)
-            update = weight[locations]
-            update[torch.where(update > 1)] = 1
-            p[locations] = p[locations].mul(update)
-
-
-def published_ssd(model, forget, full, alpha=10.0, lam=1.0, label_free=False):
-    model.eval()
-    sample = published_calc_importance(model, forget, label_free)
-    original = published_calc_importance(model, full, label_free)
-    published_modify_weight(model, original, sample, alpha, lam)
 
 
 def bare_passes(model, loader):
@@ -122,7 +87,7 @@ def test_ssd_ours(benchmark, case):
 def test_ssd_published(benchmark, case):
     name, model, state, forget, full = case
     benchmark.group = f"ssd end to end: {name}"
-    _rounds(benchmark, lambda: published_ssd(model, forget, full), model, state)
+    _rounds(benchmark, lambda: published.ssd(model, forget, full), model, state)
 
 
 def test_lf_ssd_ours(benchmark, case):
@@ -134,7 +99,7 @@ def test_lf_ssd_ours(benchmark, case):
 def test_lf_ssd_published(benchmark, case):
     name, model, state, forget, full = case
     benchmark.group = f"lf-ssd end to end: {name}"
-    _rounds(benchmark, lambda: published_ssd(model, forget, full, label_free=True), model, state)
+    _rounds(benchmark, lambda: published.ssd(model, forget, full, label_free=True), model, state)
 
 
 # ---------------------------------------------------------------- importance pass vs its floor
@@ -184,7 +149,7 @@ def test_dampen_ours(benchmark, dampen_case):
 def test_dampen_published(benchmark, dampen_case):
     model, f, d = dampen_case
     benchmark.group = DAMPEN_GROUP
-    _dampen_rounds(benchmark, model, lambda: published_modify_weight(model, dict(d), dict(f), 2.0, 1.0))
+    _dampen_rounds(benchmark, model, lambda: published.modify_weight(model, dict(d), dict(f), 2.0, 1.0))
 
 
 def test_dampen_floor_param_copy(benchmark, dampen_case):

@@ -19,3 +19,13 @@ def backend(request):
     _backend.force_backend(request.param)
     yield request.param
     _backend.force_backend(None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny models: no OpenMP fork/join per op, and sums in a
+    fixed order."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)

@@ -14,13 +14,7 @@ from jit_unlearn.data import digits, mnist
 from jit_unlearn.models import MLP
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The models here are tiny: one thread avoids OpenMP contention on a shared machine.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyConvNet(nn.Module):

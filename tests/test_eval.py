@@ -15,13 +15,7 @@ from jit_unlearn import data, models
 from jit_unlearn.eval import Recipe, Splits, accuracy, entropy_mia, evaluate, full_class, loss_mia, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These models are tiny: one thread avoids OpenMP hand-off costs on a shared machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,17 +7,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn as ju
+import published
 from jit_unlearn.importances import Importances, importances, model_fingerprint
 from jit_unlearn.models import MLP, SmallCNN
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: deterministic sums and no oversubscription on a shared machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _line(w: float, b: float) -> nn.Linear:
@@ -72,25 +67,6 @@ def test_fisher_by_hand(per_sample):
 
 # ---------------------------------------------------------------- published batch semantics
 
-def _published_calc_importance(model, loader, label_free=False):
-    """Transcription of the published calc_importance (SSD, and LF-SSD when label_free)."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    imps = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
-    for batch in loader:
-        x = batch[0]
-        opt.zero_grad()
-        out = model(x)
-        if label_free:
-            loss = torch.norm(out, p="fro", dim=1).pow(2).mean()
-        else:
-            loss = nn.CrossEntropyLoss()(out, batch[-1])
-        loss.backward()
-        for (_, p), (_, imp) in zip(model.named_parameters(), imps.items()):
-            if p.grad is not None:
-                imp.data += p.grad.data.clone().abs() if label_free else p.grad.data.clone().pow(2)
-    for imp in imps.values():
-        imp.data /= float(len(loader))
-    return imps
 
 
 @pytest.mark.parametrize("kind", ["fisher", "output_norm"])
@@ -104,7 +80,7 @@ def test_batch_pass_equals_published_bitwise(kind, backend):
     model.eval()
     x, y = torch.randn(37, 1, 8, 8), torch.randint(0, 10, (37,))  # partial last batch weighs as much
     loader = _loader(x, y, batch_size=16)
-    expected = _published_calc_importance(model, loader, label_free=kind == "output_norm")
+    expected = published.calc_importance(model, loader, label_free=kind == "output_norm")
     model.zero_grad(set_to_none=True)
     imp = importances(model, loader, kind=kind, progress=False)
     assert list(imp) == list(expected)

@@ -13,13 +13,7 @@ from jit_unlearn.data import digits, mnist
 from jit_unlearn.models import MLP, SmallCNN
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: one thread beats two (no OpenMP fork/join per op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _state(model):

@@ -8,12 +8,7 @@ from jit_unlearn.eval import (Recipe, Relabeled, Splits, accuracy, dataset_label
                               retrain, sub_class, train, train_test_split)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _toy(n=200, classes=5, seed=0):

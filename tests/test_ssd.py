@@ -11,55 +11,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn as ju
+import published
 from jit_unlearn.data import digits
 from jit_unlearn.importances import Importances, importances
 from jit_unlearn.models import MLP, SmallCNN
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: deterministic sums and no oversubscription on a shared machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-# ---------------------------------------------------------------- the published procedure, transcribed
-
-def _published_calc_importance(model, loader, label_free=False):
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    imps = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
-    for batch in loader:
-        x = batch[0]
-        opt.zero_grad()
-        out = model(x)
-        loss = torch.norm(out, p="fro", dim=1).pow(2).mean() if label_free else nn.CrossEntropyLoss()(out, batch[-1])
-        loss.backward()
-        for (_, p), (_, imp) in zip(model.named_parameters(), imps.items()):
-            if p.grad is not None:
-                imp.data += p.grad.data.clone().abs() if label_free else p.grad.data.clone().pow(2)
-    for imp in imps.values():
-        imp.data /= float(len(loader))
-    return imps
-
-
-def _published_modify_weight(model, original, forget, alpha, lam, exponent=1.0, lower_bound=1.0):
-    with torch.no_grad():
-        for (_, p), (_, oimp), (_, fimp) in zip(model.named_parameters(), original.items(), forget.items()):
-            locations = torch.where(fimp > oimp.mul(alpha))
-            weight = ((oimp.mul(lam)).div(fimp)).pow(exponent)
-            update = weight[locations]
-            update[torch.where(update > lower_bound)] = lower_bound
-            p[locations] = p[locations].mul(update)
-
-
-def _published_ssd(model, forget_loader, full_loader, alpha, lam, label_free=False):
-    model.eval()
-    sample = _published_calc_importance(model, forget_loader, label_free)
-    original = _published_calc_importance(model, full_loader, label_free)
-    _published_modify_weight(model, original, sample, alpha, lam)
-    model.zero_grad(set_to_none=True)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bn_cnn(seed=0):
@@ -110,7 +68,7 @@ def test_dampen_bitwise_equals_published_formula(dtype, alpha, lam, exponent, ba
     model = _bn_cnn().to(dtype)
     f, d = _random_imps(model, 1)
     expected = copy.deepcopy(model)
-    _published_modify_weight(expected, d, f, alpha, lam, exponent)
+    published.modify_weight(expected, d, f, alpha, lam, exponent)
     selected = ju.dampen_(model, f, d, alpha=alpha, lam=lam, exponent=exponent)
     for (n, p), q in zip(model.named_parameters(), expected.parameters()):
         assert torch.equal(p, q), n
@@ -122,7 +80,7 @@ def test_dampen_fractional_exponent_close():
     model = _bn_cnn()
     f, d = _random_imps(model, 2)
     expected = copy.deepcopy(model)
-    _published_modify_weight(expected, d, f, 3.0, 1.0, 0.5)
+    published.modify_weight(expected, d, f, 3.0, 1.0, 0.5)
     ju.dampen_(model, f, d, alpha=3.0, exponent=0.5)
     for p, q in zip(model.parameters(), expected.parameters()):
         torch.testing.assert_close(p, q, rtol=2e-7, atol=0)
@@ -187,7 +145,7 @@ def test_ssd_bn_cnn_bitwise_equals_published(alpha, lam, backend):
     forget = DataLoader(TensorDataset(x[forget_idx], y[forget_idx]), batch_size=4)
     full = DataLoader(TensorDataset(x, y), batch_size=16)
     report = ju.ssd(model, forget, full, alpha=alpha, lam=lam, progress=False)
-    _published_ssd(reference, forget, full, alpha, lam)
+    published.ssd(reference, forget, full, alpha, lam)
     assert model.training
     for (n, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(p, q), n
@@ -205,7 +163,7 @@ def test_lf_ssd_on_unlabeled_tensors_bitwise_equals_published():
     reference = copy.deepcopy(model)
     x_forget = x[y == 2]
     report = ju.lf_ssd(model, x_forget, x, alpha=1.5, batch_size=8, progress=False)
-    _published_ssd(reference, DataLoader(TensorDataset(x_forget), batch_size=8),
+    published.ssd(reference, DataLoader(TensorDataset(x_forget), batch_size=8),
                    DataLoader(TensorDataset(x), batch_size=8), 1.5, 1.0, label_free=True)
     for (n, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(p, q), n
@@ -221,7 +179,7 @@ def test_per_sample_ssd_matches_published_with_batches_of_one():
     ju.ssd(model, TensorDataset(xd[forget_idx], y[forget_idx]), TensorDataset(xd, y), alpha=3.0, per_sample=True,
            batch_size=7, progress=False)
     # with batches of one sample, the published batch average is the per-sample average
-    _published_ssd(reference, DataLoader(TensorDataset(xd[forget_idx], y[forget_idx]), batch_size=1),
+    published.ssd(reference, DataLoader(TensorDataset(xd[forget_idx], y[forget_idx]), batch_size=1),
                    DataLoader(TensorDataset(xd, y), batch_size=1), 3.0, 1.0)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
@@ -260,12 +218,12 @@ def test_assd_runs_ssd_with_the_adaptive_alpha():
     full = DataLoader(TensorDataset(x, y), batch_size=9)
     report = ju.assd(model, forget, full, progress=False)
     reference.eval()
-    f = _published_calc_importance(reference, forget)
-    d = _published_calc_importance(reference, full)
+    f = published.calc_importance(reference, forget)
+    d = published.calc_importance(reference, full)
     n_forget = int((y == 3).sum())
     alpha = np.percentile(_finite_ratios(f, d), 100 - np.log(1 + 100 * n_forget / 45))
     assert report.alpha == pytest.approx(alpha, rel=1e-6) and report.lam == 1.0
-    _published_modify_weight(reference, d, f, report.alpha, 1.0)
+    published.modify_weight(reference, d, f, report.alpha, 1.0)
     for p, q in zip(model.parameters(), reference.parameters()):
         assert torch.equal(p, q)
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .. import _backend, ops
+from .. import _backend, distributed, ops
 from .._utils import (DEFAULT_BATCH_SIZE, as_batches, batch_input, check_logits, model_device, model_dtype,
                       module_mode, restore_on_failure)
 from .._utils import progress as _progress
@@ -100,6 +100,9 @@ def jit(model: nn.Module, forget, *, sigma: float, lr: float, num_samples: int =
             then accumulate, so step t applies the sum of all gradients so far; plain SGD.  As in
             the published code the accumulated gradients are left in `.grad` at the end.  Norms are
             computed in float32 (float64 for float64 models).
+    Under torch.distributed (e.g. torchrun), the default mode splits each batch's rows across the
+    ranks and sums their gradients, so every rank takes the step that one process would take on
+    the global batch.  The reference mode runs whole on every rank (docs/DISTRIBUTED.md).
 
     Safety: the arguments, the first batch and the first output shape are checked before any
     step; if anything fails (KeyboardInterrupt included) parameters and buffers are restored
@@ -126,6 +129,10 @@ def jit(model: nn.Module, forget, *, sigma: float, lr: float, num_samples: int =
         raise ValueError("model: has no trainable parameters (requires_grad=True)")
     device, dtype = model_device(model), model_dtype(model)
     batches = as_batches(forget, batch_size, name="forget")
+    if mode == "default":  # under torch.distributed: same batches on every rank, rows split
+        split = distributed.BatchSplit(batches)
+        batches = split.batches
+        distributed.check_same_model(model)
     if mode == "default" and (isinstance(forget, torch.Tensor) or type(forget) is TensorDataset):
         # The batches the DataLoader would collate, sliced and copied instead of gathered sample by
         # sample.  Reference mode keeps the DataLoader: iterating one draws from the global generator.
@@ -153,7 +160,7 @@ def jit(model: nn.Module, forget, *, sigma: float, lr: float, num_samples: int =
         else:
             budget = default_max_batch_elems(device) if max_batch_elems is None else max_batch_elems
             steps, samples, loss_sum = _run_default(model, xs, params, float(sigma), float(lr), num_samples,
-                                                    seed, reduction, optimizer, budget)
+                                                    seed, reduction, optimizer, budget, split)
             backend = _backend.backend_name(device)
     return JiTReport(steps=steps, samples=samples, seconds=time.perf_counter() - start,
                      mean_loss=float(loss_sum) / steps, backend=backend, mode=mode)
@@ -190,7 +197,7 @@ def _run_reference(model, xs, params, sigma, lr, num_samples, reduction):
     return steps, samples, loss_sum
 
 
-def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, optimizer, budget):
+def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, optimizer, budget, split):
     """Eval mode, fused noise, one chunked no-grad forward of all N*B perturbed samples, fused loss."""
     updated = params if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
     steps = samples = 0
@@ -200,15 +207,21 @@ def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, opt
             b = x.shape[0]
             for p in params:
                 p.grad = None
-            x_tilde, in_norm = ops.perturb(x, num_samples, sigma, seed, steps, True)
-            with torch.no_grad():
-                out2 = _chunked_forward(model, x_tilde.reshape(num_samples * b, *x.shape[1:]), budget)
-            out = check_logits(model(x), b)
-            out2 = out2.view(num_samples, b, out.shape[1])
-            loss = ops.lipschitz_ratio(out, out2, in_norm).sum() / num_samples
-            if reduction == "mean":
-                loss = loss / b
-            loss.backward()
+            x_tilde, in_norm = ops.perturb(x, num_samples, sigma, seed, split.noise_offset(steps), True)
+            x, x_tilde, in_norm = split.local(x, x_tilde, in_norm)  # this rank's rows
+            rows, global_rows = x.shape[0], split.global_rows(b)
+            if rows:
+                with torch.no_grad():
+                    out2 = _chunked_forward(model, x_tilde.reshape(num_samples * rows, *x.shape[1:]), budget)
+                out = check_logits(model(x), rows)
+                out2 = out2.view(num_samples, rows, out.shape[1])
+                loss = ops.lipschitz_ratio(out, out2, in_norm).sum() / num_samples
+                if reduction == "mean":
+                    loss = loss / global_rows
+                loss.backward()
+            else:  # this rank's share of a small batch is empty: it adds zero gradients
+                loss = torch.zeros((), dtype=opmath_dtype(x.dtype), device=x.device)
+            split.reduce_grads_(params)  # sum over ranks = the gradient of the global batch
             _check_finite_grads(updated, steps)
             if optimizer is None:
                 with torch.no_grad():
@@ -223,7 +236,8 @@ def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, opt
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     for p in params:
         p.grad = None
-    return steps, samples, loss_sum.item()
+    samples, loss_total = split.totals(samples, loss_sum.item())
+    return steps, samples, loss_total
 
 
 def _chunked_forward(model, x, budget):
