@@ -66,10 +66,11 @@ at::Tensor lipschitz_ratio_cpu(const at::Tensor& out, const at::Tensor& out_pert
     at::parallel_for(0, N * B, grain, [&](int64_t begin, int64_t end) {
       // Row n * B + b pairs out_perturbed[n, b] with out[b]; b wraps instead of a division per row.
       for (int64_t row = begin, b = begin % B; row < end; ++row) {
-        const acc_t sq = row_sq_distance<scalar_t, acc_t>(o_ptr + b * K, p_ptr + row * K, K);
-        r_ptr[row] = lipschitz_ratio_value<acc_t>(sq, den_ptr[row]);
+        r_ptr[row] = row_sq_distance<scalar_t, acc_t>(o_ptr + b * K, p_ptr + row * K, K);
         if (++b == B) b = 0;
       }
+      // A separate pass, so the sqrt and division latencies of consecutive rows overlap.
+      for (int64_t row = begin; row < end; ++row) r_ptr[row] = lipschitz_ratio_value<acc_t>(r_ptr[row], den_ptr[row]);
     });
   });
   return ratio;
@@ -104,16 +105,22 @@ std::tuple<at::Tensor, at::Tensor> lipschitz_ratio_backward_cpu(const at::Tensor
     scalar_t* gp_ptr = compute_perturbed_grad ? grad_pert.mutable_data_ptr<scalar_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(N * K, 1));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc_row(K);
+      std::vector<acc_t> acc_row(K), coef_col(N);
       acc_t* __restrict__ acc = acc_row.data();
+      acc_t* __restrict__ coefs = coef_col.data();
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* __restrict__ ob = o_ptr + b * K;
+        // All N coefficients of column b first (their sqrt/division latencies overlap), then the
+        // sums over n; the N rows of the column (N * K elements) stay in cache between the passes.
+        for (int64_t n = 0; n < N; ++n) coefs[n] = row_sq_distance<scalar_t, acc_t>(ob, p_ptr + (n * B + b) * K, K);
+        for (int64_t n = 0; n < N; ++n) {
+          coefs[n] = lipschitz_backward_coef<acc_t>(g_ptr[n * B + b], coefs[n], den_ptr[n * B + b]);
+        }
         std::fill(acc_row.begin(), acc_row.end(), acc_t(0));
         for (int64_t n = 0; n < N; ++n) {
           const int64_t row = n * B + b;
           const scalar_t* __restrict__ pr = p_ptr + row * K;
-          const acc_t sq = row_sq_distance<scalar_t, acc_t>(ob, pr, K);
-          const acc_t coef = lipschitz_backward_coef<acc_t>(g_ptr[row], sq, den_ptr[row]);
+          const acc_t coef = coefs[n];
           if (gp_ptr != nullptr) {
             scalar_t* __restrict__ gr = gp_ptr + row * K;
             for (int64_t k = 0; k < K; ++k) {
