@@ -1,7 +1,12 @@
 """Tests of lipschitz_ratio and _lipschitz_ratio_backward: compiled kernels, reference tier, autograd."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
+import jit_unlearn
 from jit_unlearn import _backend, ops, reference
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -91,6 +96,36 @@ def test_compiled_independent_of_thread_count():
         torch.set_num_threads(threads)
     for one, two in zip(*results):
         assert torch.equal(one, two)
+
+
+_ISA_SCRIPT = """
+import sys, torch, jit_unlearn
+cases = torch.load(sys.argv[1])
+results = [(torch.ops.jit_unlearn.lipschitz_ratio(out, pert, in_norm),
+            *torch.ops.jit_unlearn._lipschitz_ratio_backward(grad, out, pert, in_norm, True))
+           for out, pert, in_norm, grad in cases]
+torch.save(results, sys.argv[2])
+"""
+
+
+@requires_compiled
+def test_baseline_isa_path_agrees_bitwise(tmp_path):
+    # A child process with ATEN_CPU_CAPABILITY=default runs the baseline-ISA loops; this process runs
+    # the AVX2 ones where the CPU has them.  Same inputs, so every output must match bit for bit.
+    cases = []
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        out, pert, in_norm = _inputs(5, 7, 101, dtype, seed=37)
+        cases.append((out, pert, in_norm, torch.randn(5, 7, dtype=reference.opmath_dtype(dtype))))
+    torch.save(cases, tmp_path / "cases.pt")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(jit_unlearn.__file__)))
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "cases.pt"), str(tmp_path / "base.pt")],
+                   env=env, check=True)
+    for (out, pert, in_norm, grad), base in zip(cases, torch.load(tmp_path / "base.pt")):
+        here = (_fwd(out, pert, in_norm), *_bwd(grad, out, pert, in_norm, True))
+        for x, y in zip(here, base):
+            assert torch.equal(x, y)
 
 
 @requires_compiled

@@ -3,14 +3,23 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <tuple>
 #include <vector>
 
 #include "common/lipschitz_checks.h"
 #include "common/lipschitz_utils.h"
+
+// The loops below are compiled twice on x86-64: for the baseline ISA and with AVX2 enabled (chosen at
+// run time, as ATen chooses its own kernels).  There is no FMA in either (-ffp-contract=off, no "fma"
+// target) and the lane structure is fixed, so both give bitwise the same results.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define JIT_UNLEARN_LIPSCHITZ_AVX2 1
+#endif
 
 namespace jit_unlearn {
 namespace {
@@ -21,9 +30,24 @@ constexpr int64_t kLanes = 8;
 // Elements of work per parallel task, as at::internal::GRAIN_SIZE.
 constexpr int64_t kGrainElements = 32768;
 
+// Contiguous operands of one call.  Forward: ratio = f(out, out_perturbed, in_norm).  Backward:
+// grad_out (and grad_perturbed unless null) = f(grad, out, out_perturbed, in_norm).
+template <typename scalar_t, typename acc_t>
+struct LipschitzArgs {
+  const scalar_t* out = nullptr;            // [B, K]
+  const scalar_t* out_perturbed = nullptr;  // [N, B, K]
+  const acc_t* in_norm = nullptr;           // [N, B]
+  const acc_t* grad = nullptr;              // [N, B]
+  acc_t* ratio = nullptr;                   // [N, B]
+  scalar_t* grad_out = nullptr;             // [B, K]
+  scalar_t* grad_perturbed = nullptr;       // [N, B, K] or null
+  int64_t N = 0, B = 0, K = 0;
+};
+
 // sum_k (a[k] - b[k])^2 in acc_t.
 template <typename scalar_t, typename acc_t>
-acc_t row_sq_distance(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t K) {
+C10_ALWAYS_INLINE acc_t row_sq_distance(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                                        int64_t K) {
   acc_t lanes[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes) {
@@ -39,6 +63,93 @@ acc_t row_sq_distance(const scalar_t* __restrict__ a, const scalar_t* __restrict
     for (int64_t l = 0; l < width; ++l) lanes[l] += lanes[l + width];
   }
   return lanes[0];
+}
+
+// Forward rows [begin, end) of the flattened [N * B] output.
+template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void forward_rows(const LipschitzArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+  const int64_t B = a.B, K = a.K;
+  // Row n * B + b pairs out_perturbed[n, b] with out[b]; b wraps instead of a division per row.
+  for (int64_t row = begin, b = begin % B; row < end; ++row) {
+    a.ratio[row] = row_sq_distance<scalar_t, acc_t>(a.out + b * K, a.out_perturbed + row * K, K);
+    if (++b == B) b = 0;
+  }
+  // A separate pass, so the sqrt and division latencies of consecutive rows overlap.
+  for (int64_t row = begin; row < end; ++row) a.ratio[row] = lipschitz_ratio_value<acc_t>(a.ratio[row], a.in_norm[row]);
+}
+
+// Backward for b in [begin, end): each b owns the row grad_out[b, :], summed over n in order.
+// acc [K] and coefs [N] are the task's scratch.
+template <typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void backward_rows(const LipschitzArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end,
+                                     acc_t* __restrict__ acc, acc_t* __restrict__ coefs) {
+  const int64_t N = a.N, B = a.B, K = a.K;
+  for (int64_t b = begin; b < end; ++b) {
+    const scalar_t* __restrict__ ob = a.out + b * K;
+    // All N coefficients of b first (their sqrt/division latencies overlap), then the sums over n;
+    // the N rows out_perturbed[:, b] (N * K elements) stay in cache between the two passes.
+    for (int64_t n = 0; n < N; ++n) coefs[n] = row_sq_distance<scalar_t, acc_t>(ob, a.out_perturbed + (n * B + b) * K, K);
+    for (int64_t n = 0; n < N; ++n) {
+      coefs[n] = lipschitz_backward_coef<acc_t>(a.grad[n * B + b], coefs[n], a.in_norm[n * B + b]);
+    }
+    std::fill(acc, acc + K, acc_t(0));
+    for (int64_t n = 0; n < N; ++n) {
+      const scalar_t* __restrict__ pr = a.out_perturbed + (n * B + b) * K;
+      const acc_t coef = coefs[n];
+      if (a.grad_perturbed != nullptr) {
+        scalar_t* __restrict__ gr = a.grad_perturbed + (n * B + b) * K;
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t t = lipschitz_grad_term<acc_t>(static_cast<acc_t>(ob[k]), static_cast<acc_t>(pr[k]), coef);
+          acc[k] += t;
+          gr[k] = static_cast<scalar_t>(-t);
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          acc[k] += lipschitz_grad_term<acc_t>(static_cast<acc_t>(ob[k]), static_cast<acc_t>(pr[k]), coef);
+        }
+      }
+    }
+    scalar_t* __restrict__ gob = a.grad_out + b * K;
+    for (int64_t k = 0; k < K; ++k) gob[k] = static_cast<scalar_t>(acc[k]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void forward_rows_base(const LipschitzArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+  forward_rows(a, begin, end);
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_rows_base(const LipschitzArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end, acc_t* acc,
+                        acc_t* coefs) {
+  backward_rows(a, begin, end, acc, coefs);
+}
+
+#ifdef JIT_UNLEARN_LIPSCHITZ_AVX2
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2"))) void forward_rows_avx2(const LipschitzArgs<scalar_t, acc_t>& a, int64_t begin,
+                                                       int64_t end) {
+  forward_rows(a, begin, end);
+}
+
+template <typename scalar_t, typename acc_t>
+__attribute__((target("avx2"))) void backward_rows_avx2(const LipschitzArgs<scalar_t, acc_t>& a, int64_t begin,
+                                                        int64_t end, acc_t* acc, acc_t* coefs) {
+  backward_rows(a, begin, end, acc, coefs);
+}
+#endif
+
+// ATen's own choice (cpuinfo, capped by ATEN_CPU_CAPABILITY), read once.
+bool use_avx2() {
+#ifdef JIT_UNLEARN_LIPSCHITZ_AVX2
+  static const bool avx2 = [] {
+    const std::string capability = at::get_cpu_capability();
+    return capability == "AVX2" || capability == "AVX512";
+  }();
+  return avx2;
+#else
+  return false;
+#endif
 }
 
 at::ScalarType opmath_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -58,19 +169,19 @@ at::Tensor lipschitz_ratio_cpu(const at::Tensor& out, const at::Tensor& out_pert
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "lipschitz_ratio_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* o_ptr = o.const_data_ptr<scalar_t>();
-    const scalar_t* p_ptr = p.const_data_ptr<scalar_t>();
-    const acc_t* den_ptr = den.const_data_ptr<acc_t>();
-    acc_t* r_ptr = ratio.mutable_data_ptr<acc_t>();
+    const LipschitzArgs<scalar_t, acc_t> args{.out = o.const_data_ptr<scalar_t>(),
+                                              .out_perturbed = p.const_data_ptr<scalar_t>(),
+                                              .in_norm = den.const_data_ptr<acc_t>(),
+                                              .ratio = ratio.mutable_data_ptr<acc_t>(),
+                                              .N = N,
+                                              .B = B,
+                                              .K = K};
+    auto* rows = &forward_rows_base<scalar_t, acc_t>;
+#ifdef JIT_UNLEARN_LIPSCHITZ_AVX2
+    if (use_avx2()) rows = &forward_rows_avx2<scalar_t, acc_t>;
+#endif
     const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(K, 1));
-    at::parallel_for(0, N * B, grain, [&](int64_t begin, int64_t end) {
-      // Row n * B + b pairs out_perturbed[n, b] with out[b]; b wraps instead of a division per row.
-      for (int64_t row = begin, b = begin % B; row < end; ++row) {
-        const acc_t sq = row_sq_distance<scalar_t, acc_t>(o_ptr + b * K, p_ptr + row * K, K);
-        r_ptr[row] = lipschitz_ratio_value<acc_t>(sq, den_ptr[row]);
-        if (++b == B) b = 0;
-      }
-    });
+    at::parallel_for(0, N * B, grain, [&](int64_t begin, int64_t end) { rows(args, begin, end); });
   });
   return ratio;
 }
@@ -96,41 +207,24 @@ std::tuple<at::Tensor, at::Tensor> lipschitz_ratio_backward_cpu(const at::Tensor
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "lipschitz_ratio_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* o_ptr = o.const_data_ptr<scalar_t>();
-    const scalar_t* p_ptr = p.const_data_ptr<scalar_t>();
-    const acc_t* den_ptr = den.const_data_ptr<acc_t>();
-    const acc_t* g_ptr = g.const_data_ptr<acc_t>();
-    scalar_t* go_ptr = grad_out.mutable_data_ptr<scalar_t>();
-    scalar_t* gp_ptr = compute_perturbed_grad ? grad_pert.mutable_data_ptr<scalar_t>() : nullptr;
+    const LipschitzArgs<scalar_t, acc_t> args{
+        .out = o.const_data_ptr<scalar_t>(),
+        .out_perturbed = p.const_data_ptr<scalar_t>(),
+        .in_norm = den.const_data_ptr<acc_t>(),
+        .grad = g.const_data_ptr<acc_t>(),
+        .grad_out = grad_out.mutable_data_ptr<scalar_t>(),
+        .grad_perturbed = compute_perturbed_grad ? grad_pert.mutable_data_ptr<scalar_t>() : nullptr,
+        .N = N,
+        .B = B,
+        .K = K};
+    auto* rows = &backward_rows_base<scalar_t, acc_t>;
+#ifdef JIT_UNLEARN_LIPSCHITZ_AVX2
+    if (use_avx2()) rows = &backward_rows_avx2<scalar_t, acc_t>;
+#endif
     const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(N * K, 1));
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc_row(K);
-      acc_t* __restrict__ acc = acc_row.data();
-      for (int64_t b = begin; b < end; ++b) {
-        const scalar_t* __restrict__ ob = o_ptr + b * K;
-        std::fill(acc_row.begin(), acc_row.end(), acc_t(0));
-        for (int64_t n = 0; n < N; ++n) {
-          const int64_t row = n * B + b;
-          const scalar_t* __restrict__ pr = p_ptr + row * K;
-          const acc_t sq = row_sq_distance<scalar_t, acc_t>(ob, pr, K);
-          const acc_t coef = lipschitz_backward_coef<acc_t>(g_ptr[row], sq, den_ptr[row]);
-          if (gp_ptr != nullptr) {
-            scalar_t* __restrict__ gr = gp_ptr + row * K;
-            for (int64_t k = 0; k < K; ++k) {
-              const acc_t t =
-                  lipschitz_grad_term<acc_t>(static_cast<acc_t>(ob[k]), static_cast<acc_t>(pr[k]), coef);
-              acc[k] += t;
-              gr[k] = static_cast<scalar_t>(-t);
-            }
-          } else {
-            for (int64_t k = 0; k < K; ++k) {
-              acc[k] += lipschitz_grad_term<acc_t>(static_cast<acc_t>(ob[k]), static_cast<acc_t>(pr[k]), coef);
-            }
-          }
-        }
-        scalar_t* __restrict__ gob = go_ptr + b * K;
-        for (int64_t k = 0; k < K; ++k) gob[k] = static_cast<scalar_t>(acc[k]);
-      }
+      std::vector<acc_t> acc(K), coefs(N);
+      rows(args, begin, end, acc.data(), coefs.data());
     });
   });
   return {grad_out, grad_pert};
