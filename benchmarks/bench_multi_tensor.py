@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(
 
 ALPHA = 10.0
 SELECTED_FRACTION = 0.01  # share of elements with I_f > alpha * I_D; ~1% is typical of SSD runs
-RESTORED_ROUNDS = 15  # rounds of the ssd_dampen group (pedantic mode: params restored before each round)
+RESTORED_ROUNDS = 25  # rounds of the ssd_dampen group (pedantic mode: params restored before each round)
 
 
 def resnet18_shapes(num_classes: int = 10, width: int = 64) -> list[tuple[int, ...]]:

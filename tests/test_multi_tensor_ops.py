@@ -286,7 +286,8 @@ def test_opcheck():
 
 
 @requires_compiled
-def test_torch_compile_fullgraph_keeps_list_mutations():
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph_keeps_list_mutations(compile_backend):
     def step(params, f, d, acc, grads, init, masks):
         torch.ops.jit_unlearn.accumulate_importance_(acc, grads, "square", 0.5)
         counts = torch.ops.jit_unlearn.ssd_dampen_(params, f, d, 2.0, 1.0, 1.0)
@@ -307,7 +308,7 @@ def test_torch_compile_fullgraph_keeps_list_mutations():
     counts_ref = reference.ssd_dampen_(p_ref, f, d, 2.0, 1.0, 1.0)
     reference.masked_reset_(p_ref, init, masks)
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
     p_c, acc_c = _clone(params), _clone(acc)
     counts = compiled(p_c, f, d, acc_c, grads, init, masks)
     assert torch.equal(counts, counts_ref)

@@ -89,7 +89,7 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const
   TORCH_INTERNAL_ASSERT(lists.size() == kDepth);
   const size_t num_tensors = list_index.size();
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  Metadata meta;
+  Metadata meta{};
   int tensors_in_meta = 0;
   int blocks_in_meta = 0;
   for (size_t t = 0; t < num_tensors; ++t) {
