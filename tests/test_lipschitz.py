@@ -113,7 +113,7 @@ def test_baseline_isa_path_agrees_bitwise(tmp_path):
     # A child process with ATEN_CPU_CAPABILITY=default runs the baseline-ISA loops; this process runs
     # the AVX2 ones where the CPU has them.  Same inputs, so every output must match bit for bit.
     cases = []
-    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    for dtype in DTYPES:
         out, pert, in_norm = _inputs(5, 7, 101, dtype, seed=37)
         cases.append((out, pert, in_norm, torch.randn(5, 7, dtype=reference.opmath_dtype(dtype))))
     torch.save(cases, tmp_path / "cases.pt")
