@@ -3,11 +3,12 @@
 Nothing here starts a process group: the caller does, typically under `torchrun`, e.g.
 
     import datetime, os, torch, torch.distributed as dist
-    dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=5))   # "gloo" on CPU
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl", timeout=datetime.timedelta(minutes=5))   # "gloo" on CPU
 
-Always pass `timeout=`: a collective that waits for a rank which died or hangs then raises after
-`timeout` (gloo raises in the waiting call; nccl's watchdog tears the process down, the default
+Always pass `timeout=` (to `init_process_group`, or to `dist.new_group` for a group given as
+`group=`): a collective that waits for a rank which died or hangs then raises after `timeout`
+(gloo raises in the waiting call; nccl's watchdog tears the process down, the default
 TORCH_NCCL_ASYNC_ERROR_HANDLING=3) and torchrun stops the remaining ranks, so the job fails
 instead of waiting forever.  With nccl every rank must select its own GPU before the first
 collective (`torch.cuda.set_device`), since small control tensors are placed on the current device.
@@ -308,11 +309,12 @@ def _check_replicated(model: torch.nn.Module) -> None:
 def check_same_model(model: torch.nn.Module, group=None, *, buffers: bool = True) -> None:
     """Check that every rank holds bitwise the same parameters (and buffers), raising otherwise.
 
-    A DistributedDataParallel wrapper raises TypeError (pass `model.module`), sharded (FSDP or
-    DTensor) parameters NotImplementedError.  Each rank computes a signature (names, shapes, dtypes) and per-tensor checksums of the exact
+    Each rank computes a signature (names, shapes, dtypes) and per-tensor checksums of the exact
     bits; two small all-gathers compare them with rank 0.  Every rank raises the same
     RuntimeError naming the first differing rank and tensor, so no rank is left waiting.
-    No-op when not distributed.  Cost: one read of the parameters.
+    A DistributedDataParallel wrapper raises TypeError (pass `model.module`), sharded (FSDP or
+    DTensor) parameters NotImplementedError.  No-op when not distributed.  Cost: one read of
+    the parameters.
     """
     if not is_active(group):
         return

@@ -123,6 +123,25 @@ def compare(rank: int) -> dict:
     except RuntimeError as exc:
         out["arch_error"] = str(exc)
 
+    ddp = torch.nn.parallel.DistributedDataParallel(make_model())
+    try:
+        jit_unlearn.jit(ddp, torch.rand(4, 1, 8, 8), **JIT_ARGS)
+        out["ddp_error"] = None
+    except TypeError as exc:
+        out["ddp_error"] = str(exc)
+    out["ddp_unchanged"] = all(torch.equal(a, b) for a, b in zip(state(ddp.module).values(),
+                                                                  state(make_model()).values()))
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    sharded = torch.nn.Linear(4, 4)
+    sharded.weight = torch.nn.Parameter(distribute_tensor(sharded.weight.detach(), init_device_mesh("cpu", (WORLD,)),
+                                                          [Shard(0)]))
+    try:
+        D.check_same_model(sharded)
+        out["dtensor_error"] = None
+    except NotImplementedError as exc:
+        out["dtensor_error"] = str(exc)
+
     # -- importances -----------------------------------------------------------------------------
     x, y = make_data()
     for kind in ("fisher", "output_norm"):
@@ -176,12 +195,17 @@ def raise_midway(rank: int) -> None:
 
 
 def hang(rank: int) -> None:
+    import torch.distributed as dist
+
     from jit_unlearn import distributed as D
 
-    D.all_reduce_count(1)
+    # a group with a short timeout (the default group keeps a long one, so that a slow start
+    # under load cannot fail the rendezvous)
+    group = dist.new_group(timeout=datetime.timedelta(seconds=HANG_TIMEOUT_S))
+    D.all_reduce_count(1, group)
     if rank == 1:
         time.sleep(600)  # stuck: never joins the next collective
-    D.all_reduce_sum_([torch.ones(4)])
+    D.all_reduce_sum_([torch.ones(4)], group)
 
 
 def main() -> None:
@@ -193,8 +217,7 @@ def main() -> None:
 
         scenario, out_dir = sys.argv[1], sys.argv[2]
         torch.set_num_threads(1)
-        timeout = HANG_TIMEOUT_S if scenario == "hang" else PG_TIMEOUT_S
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
         rank = dist.get_rank()
         if scenario == "compare":
             torch.save(compare(rank), os.path.join(out_dir, f"rank{rank}.pt"))

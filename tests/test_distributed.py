@@ -115,6 +115,13 @@ def test_check_same_model(ranks):
         assert "rank 1" in res["arch_error"] and "names, shapes" in res["arch_error"]
 
 
+def test_wrapped_and_sharded_models_are_refused(ranks):
+    for res in ranks:
+        assert "model.module" in res["ddp_error"]
+        assert res["ddp_unchanged"]
+        assert "sharded" in res["dtensor_error"]
+
+
 # -- importances and SSD -------------------------------------------------------------------------------
 
 def _check_importances(got: dict, imp) -> None:
