@@ -149,6 +149,21 @@ def _list_device(tensors) -> torch.device:
     return next(iter(devices)) if devices else torch.device("cpu")
 
 
+def _dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _run_inplace(targets: Sequence[torch.Tensor], run):
+    """Call run(list) on in-place targets; strided views (which the kernels reject) go through a
+    dense temporary that is copied back, so every tier accepts the same inputs."""
+    work = [t if _dense(t) else t.contiguous() for t in targets]
+    result = run(work)
+    for t, w in zip(targets, work):
+        if w is not t:
+            t.copy_(w)
+    return result
+
+
 def accumulate_importance_(acc: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], mode: str = "square",
                            scale: float = 1.0) -> None:
     """In place, for every i: acc[i] += scale * grads[i]**2 (mode "square") or scale * |grads[i]| ("abs").
@@ -165,9 +180,9 @@ def accumulate_importance_(acc: Sequence[torch.Tensor], grads: Sequence[torch.Te
         return
     device = _list_device(acc)
     if _backend.use_compiled(device):
-        torch.ops.jit_unlearn.accumulate_importance_.default(list(acc), list(grads), mode, scale)
+        _run_inplace(acc, lambda a: torch.ops.jit_unlearn.accumulate_importance_.default(a, list(grads), mode, scale))
     else:
-        reference.accumulate_importance_(list(acc), list(grads), mode, scale)
+        _run_inplace(acc, lambda a: reference.accumulate_importance_(a, list(grads), mode, scale))
 
 
 def ssd_dampen_(params: Sequence[torch.Tensor], imp_forget: Sequence[torch.Tensor],
@@ -193,9 +208,10 @@ def ssd_dampen_(params: Sequence[torch.Tensor], imp_forget: Sequence[torch.Tenso
         return torch.zeros(0, dtype=torch.int64)
     device = _list_device(params)
     if _backend.use_compiled(device):
-        return torch.ops.jit_unlearn.ssd_dampen_.default(list(params), list(imp_forget), list(imp_full),
-                                                         alpha, lam, exponent)
-    return reference.ssd_dampen_(list(params), list(imp_forget), list(imp_full), alpha, lam, exponent)
+        return _run_inplace(params, lambda p: torch.ops.jit_unlearn.ssd_dampen_.default(
+            p, list(imp_forget), list(imp_full), alpha, lam, exponent))
+    return _run_inplace(params, lambda p: reference.ssd_dampen_(p, list(imp_forget), list(imp_full), alpha, lam,
+                                                                exponent))
 
 
 def masked_reset_(params: Sequence[torch.Tensor], init: Sequence[torch.Tensor],
@@ -212,6 +228,6 @@ def masked_reset_(params: Sequence[torch.Tensor], init: Sequence[torch.Tensor],
         return
     device = _list_device(params)
     if _backend.use_compiled(device):
-        torch.ops.jit_unlearn.masked_reset_.default(list(params), list(init), list(masks))
+        _run_inplace(params, lambda p: torch.ops.jit_unlearn.masked_reset_.default(p, list(init), list(masks)))
     else:
-        reference.masked_reset_(list(params), list(init), list(masks))
+        _run_inplace(params, lambda p: reference.masked_reset_(p, list(init), list(masks)))

@@ -379,7 +379,7 @@ def test_bad_arguments_name_the_argument(via, op, case):
     if via == "torch.ops" and not _has_compiled(op):
         pytest.skip("compiled CPU kernels not built")
     if via == "ops" and not all(t.is_contiguous() for t in args[0]):
-        pytest.skip("strided in-place operands are rejected by the compiled kernels only")
+        pytest.skip("jit_unlearn.ops accepts strided in-place operands (test_strided_inplace_operands)")
     fn = getattr(ops, op) if via == "ops" else _op(op)
     before = [t.clone() for t in args[0]]
     with pytest.raises(exc, match=pattern):
@@ -387,6 +387,28 @@ def test_bad_arguments_name_the_argument(via, op, case):
     for t, b in zip(args[0], before):
         if t.dtype == b.dtype and t.is_floating_point():
             assert_bitwise(t, b)
+
+
+def test_strided_inplace_operands(backend):
+    """jit_unlearn.ops updates strided views in place on every tier, as it does dense tensors."""
+    torch.manual_seed(0)
+    base = [torch.randn(6, 8), torch.randn(5, 6)]
+    f = [torch.rand(6, 3), torch.rand(2, 5)]
+    d = [torch.rand(6, 3) * 0.5, torch.rand(2, 5) * 0.5]
+    dense = [b[::2, :6].t().contiguous() if i == 0 else b[:2, :5].contiguous() for i, b in enumerate(base)]
+    views = [base[0][::2, :6].t(), base[1][:2, :5]]
+    assert not views[0].is_contiguous()
+    counts_dense = ops.ssd_dampen_(dense, f, d, 1.0)
+    counts_views = ops.ssd_dampen_(views, f, d, 1.0)
+    assert counts_dense.tolist() == counts_views.tolist()
+    for v, t in zip(views, dense):
+        assert_bitwise(v, t)
+    acc_view = torch.zeros(6, 6)[:, ::2]
+    ops.accumulate_importance_([acc_view], [f[0]], "square", 1.0)
+    assert_bitwise(acc_view, f[0] * f[0])
+    reset_view = torch.zeros(6, 8)[::2, :6].t()
+    ops.masked_reset_([reset_view], [torch.ones(6, 3)], [torch.ones(6, 3, dtype=torch.bool)])
+    assert bool((reset_view == 1).all())
 
 
 def test_device_mismatch_names_the_argument():

@@ -1,0 +1,31 @@
+"""Print the ratios within each benchmark group of a pytest-benchmark JSON file.
+
+    python -m pytest benchmarks --benchmark-only --benchmark-json=bench.json
+    python benchmarks/ratios.py bench.json
+
+For each group, every entry's min and median time are divided by those of the group's fastest entry.
+"""
+import json
+import sys
+from collections import defaultdict
+
+
+def main(path: str) -> None:
+    with open(path) as fh:
+        data = json.load(fh)
+    groups = defaultdict(list)
+    for bench in data["benchmarks"]:
+        groups[bench["group"] or "(no group)"].append(bench)
+    for group, benches in groups.items():
+        benches.sort(key=lambda b: b["stats"]["min"])
+        best_min, best_med = benches[0]["stats"]["min"], benches[0]["stats"]["median"]
+        print(f"\n## {group}")
+        print(f"{'benchmark':58s} {'min ms':>10s} {'median ms':>10s} {'x min':>7s} {'x median':>8s}")
+        for b in benches:
+            s = b["stats"]
+            print(f"{b['name'][:58]:58s} {s['min'] * 1e3:10.3f} {s['median'] * 1e3:10.3f} "
+                  f"{s['min'] / best_min:7.2f} {s['median'] / best_med:8.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "bench.json")
