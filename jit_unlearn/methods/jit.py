@@ -32,6 +32,8 @@ DEFAULT_MAX_BATCH_ELEMS = {"cpu": 1 << 17, "cuda": 1 << 22}
 def default_max_batch_elems(device: torch.device) -> int:
     """The default `max_batch_elems` of jit on `device`."""
     return DEFAULT_MAX_BATCH_ELEMS.get(torch.device(device).type, 1 << 22)
+
+
 _MODES = ("default", "reference")
 _REDUCTIONS = ("sum", "mean")
 
