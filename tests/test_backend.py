@@ -111,8 +111,8 @@ def test_compiled_cpu_kernels_cover_every_op():
 
 @pytest.mark.skipif(not os.environ.get("JIT_UNLEARN_CMAKE_LIB"), reason="no CMake-built library given")
 def test_cmake_build_registers_the_same_ops():
-    """The library CMake built (path in JIT_UNLEARN_CMAKE_LIB) registers every op with a CPU kernel,
-    and computes what the reference computes."""
+    """The library CMake built (path in JIT_UNLEARN_CMAKE_LIB) registers every op with a CPU kernel
+    (and a CUDA kernel when FORCE_CUDA=1), and computes what the reference computes."""
     res = _run(f"""
         import torch
         import importlib.util
@@ -121,8 +121,10 @@ def test_cmake_build_registers_the_same_ops():
         spec = importlib.util.spec_from_file_location("ju_reference", {os.path.join(ROOT, "jit_unlearn", "reference.py")!r})
         reference = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(reference)
+        keys = ["CPU", "CUDA"] if {os.environ.get("FORCE_CUDA") == "1"!r} else ["CPU"]
         for op in {OPS!r}:
-            assert torch._C._dispatch_has_kernel_for_dispatch_key("jit_unlearn::" + op, "CPU"), op
+            for key in keys:
+                assert torch._C._dispatch_has_kernel_for_dispatch_key("jit_unlearn::" + op, key), (op, key)
         x = torch.randn(4, 6)
         a, na = torch.ops.jit_unlearn.perturb(x, 3, 0.5, 7, 1, True)
         b, nb = reference.perturb(x, 3, 0.5, 7, 1, True)
