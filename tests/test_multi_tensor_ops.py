@@ -389,6 +389,27 @@ def test_bad_arguments_name_the_argument(via, op, case):
             assert_bitwise(t, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fraction", [0.002, 0.05, 0.3, 0.95])
+def test_ssd_dampen_bitwise_at_every_selection_density(dtype, fraction):
+    """Sparse and dense selections (the CPU kernel switches strategy per chunk) match the reference."""
+    if not _has_compiled("ssd_dampen_"):
+        pytest.skip("compiled CPU kernels not built")
+    gen = torch.Generator().manual_seed(int(fraction * 1000))
+    n = 70001
+    theta = torch.randn(n, generator=gen).to(dtype)
+    chosen = torch.rand(n, generator=gen) < fraction
+    f = torch.where(chosen, 1.0 + 9.0 * torch.rand(n, generator=gen), 0.01 * torch.rand(n, generator=gen))
+    d = torch.rand(n, generator=gen)
+    d[torch.rand(n, generator=gen) < 0.05] = 0.0
+    f[::991] = 0.0
+    ours, expected = theta.clone(), theta.clone()
+    counts = _op("ssd_dampen_")([ours], [f], [d], 2.0, 1.0, 1.0)
+    expected_counts = reference.ssd_dampen_([expected], [f], [d], 2.0, 1.0, 1.0)
+    assert counts.tolist() == expected_counts.tolist() == [int((f > 2.0 * d).sum())]
+    assert_bitwise(ours, expected)
+
+
 def test_strided_inplace_operands(backend):
     """jit_unlearn.ops updates strided views in place on every tier, as it does dense tensors."""
     torch.manual_seed(0)

@@ -25,6 +25,8 @@ constexpr int64_t kChunk = 256;
 // time; with the prefetches up to kPrefetchAhead misses are in flight.  theta is never otherwise touched.
 constexpr int64_t kPrefetchAhead = 16;
 constexpr int64_t kRing = 32;  // > kPrefetchAhead, a power of two
+// A chunk with at least 1/kDenseFraction of its elements selected is updated in one dense pass.
+constexpr int64_t kDenseFraction = 8;
 static_assert(kChunk % 8 == 0 && kPrefetchAhead < kRing && (kRing & (kRing - 1)) == 0);
 
 inline void prefetch_for_write(const void* address) {
@@ -68,6 +70,18 @@ int64_t dampen_range(scalar_t* theta, const imp_t* f, const imp_t* d, at::opmath
       continue;
     }
     count += chunk_count;
+    if (chunk_count * kDenseFraction >= n) {
+      // Dense chunk: one streaming pass over theta is cheaper than per-element updates.  Unselected
+      // elements are rewritten with their own value; their (discarded) factor may be inf or NaN.
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = base + j;
+        const scalar_t old = theta[i];
+        const auto dampened = static_cast<scalar_t>(ssd_dampened<kApplyExponent>(
+            static_cast<opmath_t>(old), static_cast<opmath_t>(f[i]), static_cast<opmath_t>(d[i]), lam, exponent));
+        theta[i] = selected[j] != 0 ? dampened : old;
+      }
+      continue;
+    }
     if constexpr (std::endian::native == std::endian::little) {
       const int64_t whole = n - n % 8;
       for (int64_t j = 0; j < whole; j += 8) {
