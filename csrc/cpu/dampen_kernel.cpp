@@ -73,12 +73,12 @@ int64_t dampen_range(scalar_t* theta, const imp_t* f, const imp_t* d, at::opmath
     if (chunk_count * kDenseFraction >= n) {
       // Dense chunk: one streaming pass over theta is cheaper than per-element updates.  Unselected
       // elements are rewritten with their own value; their (discarded) factor may be inf or NaN.
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t i = base + j;
-        const scalar_t old = theta[i];
-        const auto dampened = static_cast<scalar_t>(ssd_dampened<kApplyExponent>(
-            static_cast<opmath_t>(old), static_cast<opmath_t>(f[i]), static_cast<opmath_t>(d[i]), lam, exponent));
-        theta[i] = selected[j] != 0 ? dampened : old;
+      for (int64_t i = base; i < base + n; ++i) {
+        const auto fi = static_cast<opmath_t>(f[i]);
+        const auto di = static_cast<opmath_t>(d[i]);
+        const auto old = static_cast<opmath_t>(theta[i]);
+        const opmath_t dampened = ssd_dampened<kApplyExponent>(old, fi, di, lam, exponent);
+        theta[i] = static_cast<scalar_t>(ssd_selected(fi, di, alpha) ? dampened : old);
       }
       continue;
     }
