@@ -1,4 +1,8 @@
 // CPU kernel of ssd_dampen_: a loop over the tensors, each walked by a vectorised at::parallel_for kernel.
+// No FP exception is ever trapped, so the selects of the dense pass may if-convert and vectorise;
+// results are unchanged (IEEE arithmetic, no contraction, no reassociation).
+#pragma GCC optimize("no-trapping-math")
+
 #include <algorithm>
 #include <bit>
 #include <cstdint>
