@@ -76,7 +76,7 @@ setup(
     extras_require={
         "plot": ["matplotlib"],
         "safetensors": ["safetensors"],
-        "test": ["pytest", "pytest-benchmark", "scipy", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "matplotlib", "safetensors"],
     },
     entry_points={"console_scripts": ["jit-unlearn=jit_unlearn.cli:main"]},
     ext_modules=ext_modules,
