@@ -19,11 +19,9 @@ def as_batches(data, batch_size: int | None = None, *, name: str = "data", shuff
     tensor is one batch when batch_size is None and it has at most DEFAULT_BATCH_SIZE rows, else
     DEFAULT_BATCH_SIZE).  A Dataset is wrapped in a DataLoader with `batch_size` (default 128).
     """
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size: must be a positive int, got {batch_size!r}")
+    _check_batch_size(batch_size)
     if isinstance(data, torch.Tensor):
-        if data.dim() < 1 or data.shape[0] == 0:
-            raise ValueError(f"{name}: is empty (shape {tuple(data.shape)})")
+        _check_rows(data, name)
         bs = batch_size or DEFAULT_BATCH_SIZE
         return DataLoader(TensorDataset(data), batch_size=bs, shuffle=shuffle, generator=generator)
     if isinstance(data, DataLoader):
@@ -37,6 +35,28 @@ def as_batches(data, batch_size: int | None = None, *, name: str = "data", shuff
     if isinstance(data, Iterable):
         return data
     raise TypeError(f"{name}: expected a DataLoader, Dataset or tensor, got {type(data).__name__}")
+
+
+def split_rows(data, batch_size: int | None = None, *, name: str = "data") -> tuple[torch.Tensor, ...]:
+    """The batches a DataLoader over a tensor (or a one-tensor TensorDataset) of samples would yield,
+    in order and without shuffling, as views of its rows: no per-sample gathering.  Checks as
+    `as_batches` does."""
+    _check_batch_size(batch_size)
+    tensor = data.tensors[0] if isinstance(data, TensorDataset) else data
+    if isinstance(data, TensorDataset) and len(data) == 0:
+        raise ValueError(f"{name}: the dataset is empty")
+    _check_rows(tensor, name)
+    return tensor.split(batch_size or DEFAULT_BATCH_SIZE)
+
+
+def _check_batch_size(batch_size) -> None:
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size: must be a positive int, got {batch_size!r}")
+
+
+def _check_rows(data: torch.Tensor, name: str) -> None:
+    if data.dim() < 1 or data.shape[0] == 0:
+        raise ValueError(f"{name}: is empty (shape {tuple(data.shape)})")
 
 
 def batch_input(batch, *, name: str = "data") -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from . import _backend, reference
 from . import _registrations  # noqa: F401  (fake kernels and autograd for the compiled ops)
 
-__all__ = ["perturb", "lipschitz_ratio", "accumulate_importance_", "ssd_dampen_", "masked_reset_"]
+__all__ = ["perturb", "lipschitz_ratio", "lipschitz_ratio_backward", "accumulate_importance_", "ssd_dampen_", "masked_reset_"]
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _UINT64 = 2**64
@@ -91,18 +91,7 @@ def perturb(x: torch.Tensor, num_samples: int, sigma: float, seed: int = 0, offs
     return reference.perturb(x, num_samples, sigma, seed, offset, clamp)
 
 
-def lipschitz_ratio(out: torch.Tensor, out_perturbed: torch.Tensor, in_norm: torch.Tensor) -> torch.Tensor:
-    """Per-pair Lipschitz ratios, differentiable w.r.t. out and out_perturbed.
-
-    Args:
-        out: [B, K] model outputs on the clean batch.
-        out_perturbed: [N, B, K] outputs on the perturbed copies (same dtype as out).
-        in_norm: [N, B] input-difference norms (e.g. from `perturb`).
-    Returns:
-        [N, B] ratios ||out_b - out_perturbed_nb||_2 / in_norm_nb in the opmath dtype (float64 for
-        float64 out, else float32); 0 where in_norm_nb <= 0.  The gradient is 0 where the output
-        difference is 0, never NaN.
-    """
+def _check_lipschitz_args(out, out_perturbed, in_norm) -> None:
     _check_float_tensor(out, "out")
     _check_float_tensor(out_perturbed, "out_perturbed")
     _check_float_tensor(in_norm, "in_norm")
@@ -117,9 +106,51 @@ def lipschitz_ratio(out: torch.Tensor, out_perturbed: torch.Tensor, in_norm: tor
     if out_perturbed.dtype != out.dtype:
         raise TypeError(f"out_perturbed: expected dtype {out.dtype} (same as out), got {out_perturbed.dtype}")
     _same_device([(out_perturbed, "out_perturbed"), (in_norm, "in_norm")], out.device)
+
+
+def lipschitz_ratio(out: torch.Tensor, out_perturbed: torch.Tensor, in_norm: torch.Tensor) -> torch.Tensor:
+    """Per-pair Lipschitz ratios, differentiable w.r.t. out and out_perturbed.
+
+    Args:
+        out: [B, K] model outputs on the clean batch.
+        out_perturbed: [N, B, K] outputs on the perturbed copies (same dtype as out).
+        in_norm: [N, B] input-difference norms (e.g. from `perturb`).
+    Returns:
+        [N, B] ratios ||out_b - out_perturbed_nb||_2 / in_norm_nb in the opmath dtype (float64 for
+        float64 out, else float32); 0 where in_norm_nb <= 0.  The gradient is 0 where the output
+        difference is 0, never NaN.
+    """
+    _check_lipschitz_args(out, out_perturbed, in_norm)
     if _backend.use_compiled(out.device):
         return torch.ops.jit_unlearn.lipschitz_ratio.default(out, out_perturbed, in_norm)
     return reference.lipschitz_ratio(out, out_perturbed, in_norm)
+
+
+def lipschitz_ratio_backward(grad: torch.Tensor, out: torch.Tensor, out_perturbed: torch.Tensor,
+                             in_norm: torch.Tensor) -> torch.Tensor:
+    """The gradient of sum(grad * lipschitz_ratio(out, out_perturbed, in_norm)) w.r.t. `out`.
+
+    What autograd computes for `lipschitz_ratio`, without building a graph: callers that hold the
+    perturbed outputs as constants (JiT does) take the ratio under no_grad, seed `grad`, and pass
+    the result to `out.backward(...)` of their model's output.
+
+    Args:
+        grad: [N, B] upstream gradient of the ratios (any strides, e.g. an expanded scalar), in
+            the opmath dtype of out.
+        out, out_perturbed, in_norm: as for `lipschitz_ratio`.
+    Returns:
+        grad_out [B, K] in out.dtype: sum_n grad_nb (out_b - out_perturbed_nb) / (||out_b -
+        out_perturbed_nb|| in_norm_nb), with the pairs of zero output difference or in_norm <= 0 giving 0.
+    """
+    _check_lipschitz_args(out, out_perturbed, in_norm)
+    _check_float_tensor(grad, "grad")
+    if grad.shape != out_perturbed.shape[:2]:
+        raise ValueError(f"grad: expected shape [{out_perturbed.shape[0]}, {out.shape[0]}], got {tuple(grad.shape)}")
+    _same_device([(grad, "grad")], out.device)
+    grad = grad.to(reference.opmath_dtype(out.dtype))
+    if _backend.use_compiled(out.device):
+        return torch.ops.jit_unlearn._lipschitz_ratio_backward.default(grad, out, out_perturbed, in_norm, False)[0]
+    return reference.lipschitz_ratio_backward(grad, out, out_perturbed, in_norm, False)[0]
 
 
 def _check_tensor_lists(lists, names) -> None:

@@ -196,6 +196,39 @@ def test_triangles_by_hand_compiled(dtype):
     _check_triangles(ratio.detach(), out.grad, out_perturbed.grad, in_norm.grad, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_public_backward_matches_hand_and_autograd(backend, dtype):
+    # the graph-free gradient w.r.t. out: the triangles by hand, with a scalar seed expanded to [N, B]
+    out, out_perturbed, in_norm = _triangles(dtype)
+    seed = torch.ones((), dtype=dtype).expand(2, 2)
+    got = ops.lipschitz_ratio_backward(seed, out, out_perturbed, in_norm)
+    torch.testing.assert_close(got, torch.tensor([[0.45, 0.6], [0.0, 0.0]], dtype=dtype))
+    # and what autograd gives through the differentiable op, for a general upstream gradient:
+    # bitwise on the compiled tier (its autograd calls the same kernel), to rounding on the torch tier
+    out, out_perturbed, in_norm = _inputs(5, 6, 19, dtype, seed=3)
+    grad = torch.rand(5, 6, generator=torch.Generator().manual_seed(4), dtype=dtype)
+    leaf = out.clone().requires_grad_(True)
+    ops.lipschitz_ratio(leaf, out_perturbed, in_norm).backward(grad)
+    got = ops.lipschitz_ratio_backward(grad, out, out_perturbed, in_norm)
+    if backend == "compiled":
+        assert torch.equal(got, leaf.grad)
+    torch.testing.assert_close(got, leaf.grad, **_tol(dtype))
+
+
+@pytest.mark.parametrize("bad,exc,name", [
+    ({"grad": torch.ones(3, 2)}, ValueError, "grad"),
+    ({"grad": torch.ones(2, 2, dtype=torch.int64)}, TypeError, "grad"),
+    ({"grad": "ones"}, TypeError, "grad"),
+    ({"out": torch.ones(2, 3)}, ValueError, "out_perturbed"),
+    ({"in_norm": torch.ones(2, 3)}, ValueError, "in_norm"),
+])
+def test_public_backward_bad_arguments_name_the_argument(backend, bad, exc, name):
+    out, out_perturbed, in_norm = _triangles(torch.float32)
+    args = {"grad": torch.ones(2, 2), "out": out, "out_perturbed": out_perturbed, "in_norm": in_norm, **bad}
+    with pytest.raises(exc, match=name):
+        ops.lipschitz_ratio_backward(**args)
+
+
 def test_zero_difference_gives_zero_gradient(backend):
     out = torch.randn(4, 6, dtype=torch.float64)
     out_perturbed = out.unsqueeze(0).repeat(3, 1, 1)

@@ -3,23 +3,18 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <string>
 #include <tuple>
 #include <vector>
 
 #include "common/lipschitz_checks.h"
 #include "common/lipschitz_utils.h"
+#include "cpu/cpu_isa.h"
 
-// The loops below are compiled twice on x86-64: for the baseline ISA and with AVX2 enabled (chosen at
-// run time, as ATen chooses its own kernels).  There is no FMA in either (-ffp-contract=off, no "fma"
-// target) and the lane structure is fixed, so both give bitwise the same results.
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define JIT_UNLEARN_LIPSCHITZ_AVX2 1
-#endif
+// The loops below are compiled for the baseline ISA and for AVX2 (cpu/cpu_isa.h); both give
+// bitwise the same results.
 
 namespace jit_unlearn {
 namespace {
@@ -125,32 +120,22 @@ void backward_rows_base(const LipschitzArgs<scalar_t, acc_t>& a, int64_t begin, 
   backward_rows(a, begin, end, acc, coefs);
 }
 
-#ifdef JIT_UNLEARN_LIPSCHITZ_AVX2
+#ifdef JIT_UNLEARN_X86_ISA
 template <typename scalar_t, typename acc_t>
-__attribute__((target("avx2"))) void forward_rows_avx2(const LipschitzArgs<scalar_t, acc_t>& a, int64_t begin,
+JIT_UNLEARN_TARGET_AVX2 void forward_rows_avx2(const LipschitzArgs<scalar_t, acc_t>& a, int64_t begin,
                                                        int64_t end) {
   forward_rows(a, begin, end);
 }
 
 template <typename scalar_t, typename acc_t>
-__attribute__((target("avx2"))) void backward_rows_avx2(const LipschitzArgs<scalar_t, acc_t>& a, int64_t begin,
+JIT_UNLEARN_TARGET_AVX2 void backward_rows_avx2(const LipschitzArgs<scalar_t, acc_t>& a, int64_t begin,
                                                         int64_t end, acc_t* acc, acc_t* coefs) {
   backward_rows(a, begin, end, acc, coefs);
 }
 #endif
 
-// ATen's own choice (cpuinfo, capped by ATEN_CPU_CAPABILITY), read once.
-bool use_avx2() {
-#ifdef JIT_UNLEARN_LIPSCHITZ_AVX2
-  static const bool avx2 = [] {
-    const std::string capability = at::get_cpu_capability();
-    return capability == "AVX2" || capability == "AVX512";
-  }();
-  return avx2;
-#else
-  return false;
-#endif
-}
+// AVX2 and AVX-512 machines both run the AVX2 copy.
+bool use_avx2() { return cpu_isa() != CpuIsa::kBase; }
 
 at::ScalarType opmath_scalar_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -177,7 +162,7 @@ at::Tensor lipschitz_ratio_cpu(const at::Tensor& out, const at::Tensor& out_pert
                                               .B = B,
                                               .K = K};
     auto* rows = &forward_rows_base<scalar_t, acc_t>;
-#ifdef JIT_UNLEARN_LIPSCHITZ_AVX2
+#ifdef JIT_UNLEARN_X86_ISA
     if (use_avx2()) rows = &forward_rows_avx2<scalar_t, acc_t>;
 #endif
     const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(K, 1));
@@ -218,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> lipschitz_ratio_backward_cpu(const at::Tensor
         .B = B,
         .K = K};
     auto* rows = &backward_rows_base<scalar_t, acc_t>;
-#ifdef JIT_UNLEARN_LIPSCHITZ_AVX2
+#ifdef JIT_UNLEARN_X86_ISA
     if (use_avx2()) rows = &backward_rows_avx2<scalar_t, acc_t>;
 #endif
     const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(N * K, 1));

@@ -13,34 +13,132 @@
 #include "common/perturb_checks.h"
 #include "common/perturb_utils.h"
 #include "common/rng_utils.h"
+#include "cpu/cpu_isa.h"
 
-// The hot loops are compiled again for AVX-512 and AVX2 and the clone is picked at load time; the
-// results are bitwise the same (-ffp-contract=off: no FMA contraction in any clone).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 11
-#define JIT_UNLEARN_HOT __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define JIT_UNLEARN_HOT
+#ifdef JIT_UNLEARN_X86_ISA
+#include <immintrin.h>
 #endif
 
 namespace jit_unlearn {
 namespace {
 
-// Philox groups drawn per step of a row: 256 normals, 1 KiB of stack.
-constexpr int64_t kGroupsPerChunk = 64;
+// Philox groups drawn per chunk: 1,024 normals (4 KiB of words and 4 KiB of normals on the stack).
+constexpr uint64_t kGroupsPerChunk = 256;
 // Independent partial sums of a row, so the squared-difference reduction vectorises.
 constexpr int64_t kLanes = 8;
 
-// The normals of Philox groups [first, first + count) into z[0 .. 4 count).
-JIT_UNLEARN_HOT void philox_normals(uint64_t first, int64_t count, uint64_t seed, uint64_t offset, float* z) {
+// The Philox words of groups [first, first + count) as four planes: w[k * kGroupsPerChunk + i] is
+// word k of group first + i.  Portable form; the compiler vectorises it across groups.
+C10_ALWAYS_INLINE void philox_words_portable(uint64_t first, int64_t count, uint64_t seed, uint64_t offset,
+                                             uint32_t* __restrict__ w) {
   for (int64_t i = 0; i < count; ++i) {
-    philox_normal4(first + static_cast<uint64_t>(i), seed, offset, z + 4 * i);
+    const PhiloxWords r = philox4x32_10(first + static_cast<uint64_t>(i), seed, offset);
+    w[i] = r.r0;
+    w[kGroupsPerChunk + i] = r.r1;
+    w[2 * kGroupsPerChunk + i] = r.r2;
+    w[3 * kGroupsPerChunk + i] = r.r3;
+  }
+}
+
+#ifdef JIT_UNLEARN_X86_ISA
+// GCC 12 reports false "may be used uninitialized" warnings from inside its AVX-512 intrinsics
+// (their unused pass-through operands) wherever they are inlined: from here to the end of the file.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+// philox4x32_10 (common/rng_utils.h) on 16 groups per vector, 4 vectors interleaved to hide the
+// multiply latency.  Computes whole blocks of 64 groups: count is rounded up, so w must hold that
+// many (kGroupsPerChunk is a multiple of 64).
+constexpr int64_t kAvx512Block = 64;
+
+JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE void mul_hi_lo(__m512i a, __m512i m, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, m);                        // 64-bit products of lanes 0, 2, ...
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);  // ... and of lanes 1, 3, ...
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+JIT_UNLEARN_TARGET_AVX512 void philox_words_avx512(uint64_t first, int64_t count, uint64_t seed, uint64_t offset,
+                                                  uint32_t* __restrict__ w) {
+  constexpr int kVectors = kAvx512Block / 16;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0);
+  const __m512i m1 = _mm512_set1_epi64(kPhiloxM1);
+  const __m512i offset_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset)));
+  const __m512i offset_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(offset >> 32)));
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int64_t i = 0; i < count; i += kAvx512Block) {
+    __m512i c0[kVectors], c1[kVectors], c2[kVectors], c3[kVectors];
+    for (int v = 0; v < kVectors; ++v) {
+      // Counter words 0, 1 are the 64-bit group index g + lane, with the carry into the high word.
+      const uint64_t g = first + static_cast<uint64_t>(i + 16 * v);
+      const __m512i g_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(g)));
+      const __m512i g_hi = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(g >> 32)));
+      c0[v] = _mm512_add_epi32(g_lo, lane);
+      c1[v] = _mm512_mask_add_epi32(g_hi, _mm512_cmplt_epu32_mask(c0[v], g_lo), g_hi, one);
+      c2[v] = offset_lo;
+      c3[v] = offset_hi;
+    }
+    uint32_t k0 = static_cast<uint32_t>(seed);
+    uint32_t k1 = static_cast<uint32_t>(seed >> 32);
+    for (int round = 0; round < 10; ++round) {
+      const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0));
+      const __m512i key1 = _mm512_set1_epi32(static_cast<int>(k1));
+      for (int v = 0; v < kVectors; ++v) {
+        __m512i hi0, lo0, hi1, lo1;
+        mul_hi_lo(c0[v], m0, hi0, lo0);
+        mul_hi_lo(c2[v], m1, hi1, lo1);
+        c0[v] = _mm512_ternarylogic_epi32(hi1, c1[v], key0, 0x96);  // hi1 ^ c1 ^ k0
+        c1[v] = lo1;
+        c2[v] = _mm512_ternarylogic_epi32(hi0, c3[v], key1, 0x96);  // hi0 ^ c3 ^ k1
+        c3[v] = lo0;
+      }
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    for (int v = 0; v < kVectors; ++v) {
+      uint32_t* at = w + i + 16 * v;
+      _mm512_storeu_si512(at, c0[v]);
+      _mm512_storeu_si512(at + kGroupsPerChunk, c1[v]);
+      _mm512_storeu_si512(at + 2 * kGroupsPerChunk, c2[v]);
+      _mm512_storeu_si512(at + 3 * kGroupsPerChunk, c3[v]);
+    }
+  }
+}
+#endif
+
+// The normals of Philox groups [first, first + count) into z[0 .. 4 count), count <= kGroupsPerChunk:
+// the words, then their Box-Muller transform (philox_normal4's arithmetic, group by group).
+template <CpuIsa kIsa>
+C10_ALWAYS_INLINE void philox_normals(uint64_t first, int64_t count, uint64_t seed, uint64_t offset,
+                                      float* __restrict__ z) {
+  alignas(64) uint32_t w[4 * kGroupsPerChunk];
+#ifdef JIT_UNLEARN_X86_ISA
+  if constexpr (kIsa == CpuIsa::kAvx512) {
+    philox_words_avx512(first, count, seed, offset, w);
+  } else {
+    philox_words_portable(first, count, seed, offset, w);
+  }
+#else
+  philox_words_portable(first, count, seed, offset, w);
+#endif
+  for (int64_t i = 0; i < count; ++i) {
+    const float rad01 = sqrtf(neg2log_uniform(w[i]));
+    const float rad23 = sqrtf(neg2log_uniform(w[2 * kGroupsPerChunk + i]));
+    float c01, s01, c23, s23;
+    sincos_2pi_uniform(w[kGroupsPerChunk + i], c01, s01);
+    sincos_2pi_uniform(w[3 * kGroupsPerChunk + i], c23, s23);
+    z[4 * i] = rad01 * c01;
+    z[4 * i + 1] = rad01 * s01;
+    z[4 * i + 2] = rad23 * c23;
+    z[4 * i + 3] = rad23 * s23;
   }
 }
 
 // x_tilde[i] for i < len from x[i] and z[i]; returns sum_i (x_tilde[i] - x[i])^2 in opmath.
 template <bool kClamp, typename scalar_t, typename opmath_t>
-JIT_UNLEARN_HOT opmath_t perturb_span(const scalar_t* __restrict__ x, const float* __restrict__ z, int64_t len, opmath_t sigma,
-                      opmath_t lo, opmath_t hi, scalar_t* __restrict__ out) {
+C10_ALWAYS_INLINE opmath_t perturb_span(const scalar_t* __restrict__ x, const float* __restrict__ z, int64_t len,
+                                        opmath_t sigma, opmath_t lo, opmath_t hi, scalar_t* __restrict__ out) {
   opmath_t partial[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= len; i += kLanes) {
@@ -62,32 +160,85 @@ JIT_UNLEARN_HOT opmath_t perturb_span(const scalar_t* __restrict__ x, const floa
   return total;
 }
 
-// Rows [begin, end) of the flattened [N, B] output; row r = n B + b covers flat noise elements
-// [r D, (r + 1) D) and reads x row b.
-template <bool kClamp, typename scalar_t, typename opmath_t>
-void perturb_rows(const scalar_t* x, scalar_t* out, opmath_t* in_norm, int64_t begin, int64_t end, int64_t batch,
-                  int64_t row_numel, opmath_t sigma, opmath_t lo, opmath_t hi, uint64_t seed, uint64_t offset) {
+// The operands of one call.  Row r = n B + b of the flattened [N, B] output covers flat noise
+// elements [r D, (r + 1) D) and reads x row b.
+template <typename scalar_t, typename opmath_t>
+struct PerturbArgs {
+  const scalar_t* x;
+  scalar_t* out;
+  opmath_t* in_norm;
+  int64_t batch, row_numel;
+  opmath_t sigma, lo, hi;
+  uint64_t seed, offset;
+};
+
+// Rows [begin, end).  The noise of the whole range is drawn in chunks of kGroupsPerChunk Philox
+// groups that cross row boundaries (short rows still fill whole vectors).  Chunks start at fixed
+// multiples of kGroupsPerChunk groups, so how a row splits into spans, and so the order of its
+// norm's sum, does not depend on which task runs it: the result is the same for every thread count.
+template <CpuIsa kIsa, bool kClamp, typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE void perturb_rows(const PerturbArgs<scalar_t, opmath_t>& a, int64_t begin, int64_t end) {
   alignas(64) float z[4 * kGroupsPerChunk];
-  for (int64_t row = begin; row < end; ++row) {
-    const scalar_t* x_row = x + (row % batch) * row_numel;
-    scalar_t* out_row = out + row * row_numel;
-    const uint64_t row_first = static_cast<uint64_t>(row) * static_cast<uint64_t>(row_numel);
-    const uint64_t row_last = row_first + static_cast<uint64_t>(row_numel);
-    opmath_t sq_sum = 0;
-    uint64_t j = row_first;
-    while (j < row_last) {
-      const uint64_t group = j / 4;
-      const int64_t groups = static_cast<int64_t>(
-          std::min<uint64_t>(kGroupsPerChunk, (row_last + 3) / 4 - group));
-      philox_normals(group, groups, seed, offset, z);
-      const uint64_t chunk_last = std::min<uint64_t>(row_last, 4 * (group + groups));
-      const int64_t len = static_cast<int64_t>(chunk_last - j);
-      const int64_t col = static_cast<int64_t>(j - row_first);
-      sq_sum += perturb_span<kClamp>(x_row + col, z + (j - 4 * group), len, sigma, lo, hi, out_row + col);
-      j = chunk_last;
+  const uint64_t numel = static_cast<uint64_t>(a.row_numel);
+  const uint64_t flat_end = static_cast<uint64_t>(end) * numel;
+  const uint64_t last_group = (flat_end + 3) / 4;  // one past the last group needed
+  uint64_t j = static_cast<uint64_t>(begin) * numel;
+  int64_t row = begin;
+  uint64_t col = 0;
+  opmath_t sq_sum = 0;
+  while (j < flat_end) {
+    const uint64_t group = j / 4;
+    const uint64_t chunk_end = std::min<uint64_t>((group / kGroupsPerChunk + 1) * kGroupsPerChunk, last_group);
+    philox_normals<kIsa>(group, static_cast<int64_t>(chunk_end - group), a.seed, a.offset, z);
+    const uint64_t stop = std::min<uint64_t>(flat_end, 4 * chunk_end);
+    while (j < stop) {
+      const uint64_t len = std::min<uint64_t>(stop - j, numel - col);
+      const int64_t at = static_cast<int64_t>(col);
+      sq_sum += perturb_span<kClamp>(a.x + (row % a.batch) * a.row_numel + at, z + (j - 4 * group),
+                                     static_cast<int64_t>(len), a.sigma, a.lo, a.hi, a.out + row * a.row_numel + at);
+      j += len;
+      col += len;
+      if (col == numel) {
+        a.in_norm[row] = std::sqrt(sq_sum);
+        sq_sum = 0;
+        col = 0;
+        ++row;
+      }
     }
-    in_norm[row] = std::sqrt(sq_sum);
   }
+}
+
+// One compiled copy of perturb_rows per instruction-set level (cpu_isa.h).
+template <bool kClamp, typename scalar_t, typename opmath_t>
+__attribute__((flatten)) void perturb_rows_base(const PerturbArgs<scalar_t, opmath_t>& a, int64_t begin, int64_t end) {
+  perturb_rows<CpuIsa::kBase, kClamp>(a, begin, end);
+}
+
+#ifdef JIT_UNLEARN_X86_ISA
+template <bool kClamp, typename scalar_t, typename opmath_t>
+JIT_UNLEARN_TARGET_AVX2 __attribute__((flatten)) void perturb_rows_avx2(const PerturbArgs<scalar_t, opmath_t>& a, int64_t begin,
+                                               int64_t end) {
+  perturb_rows<CpuIsa::kAvx2, kClamp>(a, begin, end);
+}
+
+template <bool kClamp, typename scalar_t, typename opmath_t>
+JIT_UNLEARN_TARGET_AVX512 __attribute__((flatten)) void perturb_rows_avx512(const PerturbArgs<scalar_t, opmath_t>& a, int64_t begin,
+                                                   int64_t end) {
+  perturb_rows<CpuIsa::kAvx512, kClamp>(a, begin, end);
+}
+#endif
+
+template <bool kClamp, typename scalar_t, typename opmath_t>
+auto pick_perturb_rows() {
+  auto rows = &perturb_rows_base<kClamp, scalar_t, opmath_t>;
+#ifdef JIT_UNLEARN_X86_ISA
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512: rows = &perturb_rows_avx512<kClamp, scalar_t, opmath_t>; break;
+    case CpuIsa::kAvx2: rows = &perturb_rows_avx2<kClamp, scalar_t, opmath_t>; break;
+    case CpuIsa::kBase: break;
+  }
+#endif
+  return rows;
 }
 
 std::tuple<at::Tensor, at::Tensor> perturb_cpu(const at::Tensor& x_in, int64_t num_samples, double sigma,
@@ -95,13 +246,14 @@ std::tuple<at::Tensor, at::Tensor> perturb_cpu(const at::Tensor& x_in, int64_t n
   check_perturb_args(x_in, num_samples, sigma);
   TORCH_CHECK_VALUE(x_in.device().is_cpu(), "perturb: x: expected a CPU tensor, got device ", x_in.device());
   const at::Tensor x = x_in.contiguous();
-  auto [x_tilde, in_norm] = perturb_outputs(x, num_samples, /*zero_norm=*/false);
   const int64_t batch = x.size(0);
   const int64_t rows = num_samples * batch;
-  if (rows == 0) {
+  const int64_t row_numel = batch > 0 ? x.numel() / batch : 0;
+  // Samples with no elements have in_norm 0 and no noise to draw.
+  auto [x_tilde, in_norm] = perturb_outputs(x, num_samples, /*zero_norm=*/row_numel == 0);
+  if (rows == 0 || row_numel == 0) {
     return {x_tilde, in_norm};
   }
-  const int64_t row_numel = x.numel() / batch;
   const bool do_clamp = clamp && x.numel() > 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "perturb_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -111,23 +263,15 @@ std::tuple<at::Tensor, at::Tensor> perturb_cpu(const at::Tensor& x_in, int64_t n
       lo = lo_t.item<opmath_t>();
       hi = hi_t.item<opmath_t>();
     }
-    const auto sigma_op = static_cast<opmath_t>(sigma);
-    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-    scalar_t* out_ptr = x_tilde.mutable_data_ptr<scalar_t>();
-    opmath_t* norm_ptr = in_norm.mutable_data_ptr<opmath_t>();
-    const auto useed = static_cast<uint64_t>(seed);
-    const auto uoffset = static_cast<uint64_t>(offset);
+    const PerturbArgs<scalar_t, opmath_t> args{x.const_data_ptr<scalar_t>(), x_tilde.mutable_data_ptr<scalar_t>(),
+                                               in_norm.mutable_data_ptr<opmath_t>(), batch, row_numel,
+                                               static_cast<opmath_t>(sigma), lo, hi, static_cast<uint64_t>(seed),
+                                               static_cast<uint64_t>(offset)};
+    const auto rows_fn = do_clamp ? pick_perturb_rows<true, scalar_t, opmath_t>()
+                                  : pick_perturb_rows<false, scalar_t, opmath_t>();
     // About 16 K elements per task.
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_numel, 1));
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      if (do_clamp) {
-        perturb_rows<true>(x_ptr, out_ptr, norm_ptr, begin, end, batch, row_numel, sigma_op, lo, hi, useed,
-                           uoffset);
-      } else {
-        perturb_rows<false>(x_ptr, out_ptr, norm_ptr, begin, end, batch, row_numel, sigma_op, lo, hi, useed,
-                            uoffset);
-      }
-    });
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { rows_fn(args, begin, end); });
   });
   return {x_tilde, in_norm};
 }

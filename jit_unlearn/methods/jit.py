@@ -13,11 +13,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from .. import _backend, distributed, ops
-from .._utils import (DEFAULT_BATCH_SIZE, as_batches, batch_input, check_logits, model_device, model_dtype,
-                      module_mode, restore_on_failure)
+from .. import _backend, distributed, reference
+from .._utils import (as_batches, batch_input, check_logits, model_device, model_dtype, module_mode,
+                      restore_on_failure, split_rows)
 from .._utils import progress as _progress
-from ..reference import opmath_dtype
 
 __all__ = ["jit", "JiTReport"]
 
@@ -130,18 +129,20 @@ def jit(model: nn.Module, forget, *, sigma: float, lr: float, num_samples: int =
     if not params:
         raise ValueError("model: has no trainable parameters (requires_grad=True)")
     device, dtype = model_device(model), model_dtype(model)
-    batches = as_batches(forget, batch_size, name="forget")
-    if mode == "default":  # under torch.distributed: same batches on every rank, rows split
-        split = distributed.BatchSplit(batches)
-        batches = split.batches
-        distributed.check_same_model(model)
     if mode == "default" and (isinstance(forget, torch.Tensor) or type(forget) is TensorDataset):
-        # The batches the DataLoader would collate, sliced and copied instead of gathered sample by
-        # sample.  Reference mode keeps the DataLoader: iterating one draws from the global generator.
-        inputs = forget if isinstance(forget, torch.Tensor) else forget.tensors[0]
-        slices = inputs.split(batch_size or DEFAULT_BATCH_SIZE)
-        total, it = len(slices), (s.clone() for s in slices)
+        # The batches a DataLoader would collate, sliced and copied (a model may work in place on its
+        # input) instead of gathered sample by sample.  Reference mode keeps the DataLoader:
+        # iterating one draws from the global generator.
+        slices = split_rows(forget, batch_size, name="forget")
+        split = distributed.BatchSplit(slices)  # under torch.distributed: same batches everywhere, rows split
+        distributed.check_same_model(model)
+        total, it = len(slices), (s.clone() for s in split.batches)
     else:
+        batches = as_batches(forget, batch_size, name="forget")
+        if mode == "default":
+            split = distributed.BatchSplit(batches)
+            batches = split.batches
+            distributed.check_same_model(model)
         try:
             total = len(batches)
         except TypeError:
@@ -177,7 +178,7 @@ def _run_reference(model, xs, params, sigma, lr, num_samples, reduction):
     for x in xs:
         b = x.shape[0]
         out = check_logits(model(x), b)
-        op = opmath_dtype(out.dtype)
+        op = reference.opmath_dtype(out.dtype)
         lo, hi = x.min(), x.max()
         loss = torch.zeros((), dtype=op, device=x.device)
         for _ in range(num_samples):
@@ -200,46 +201,92 @@ def _run_reference(model, xs, params, sigma, lr, num_samples, reduction):
 
 
 def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, optimizer, budget, split):
-    """Eval mode, fused noise, one chunked no-grad forward of all N*B perturbed samples, fused loss."""
+    """Eval mode, fused noise, one chunked no-grad forward of all N*B perturbed samples, fused loss.
+
+    Everything that needs no graph (noise, perturbed forwards, the loss and its gradient w.r.t. the
+    clean outputs) runs in inference mode on ops resolved once per run, so a step costs few
+    dispatcher calls besides the model's own."""
     updated = params if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
+    step_ops = _StepOps(model_device(model))
     steps = samples = 0
-    loss_sum = None
+    ratio_sums, loss_scales = [], []
     with module_mode(model, False):
         for x in xs:
             b = x.shape[0]
             for p in params:
                 p.grad = None
-            x_tilde, in_norm = ops.perturb(x, num_samples, sigma, seed, split.noise_offset(steps), True)
+            with torch.inference_mode():
+                x_tilde, in_norm = step_ops.perturb(x, num_samples, sigma, seed, split.noise_offset(steps), True)
             x, x_tilde, in_norm = split.local(x, x_tilde, in_norm)  # this rank's rows
             rows, global_rows = x.shape[0], split.global_rows(b)
+            mean_rows = global_rows if reduction == "mean" else None  # loss = sum(ratios) / N (/ B)
             if rows:
-                with torch.no_grad():
+                with torch.inference_mode():
                     out2 = _chunked_forward(model, x_tilde.reshape(num_samples * rows, *x.shape[1:]), budget)
                 out = check_logits(model(x), rows)
-                out2 = out2.view(num_samples, rows, out.shape[1])
-                loss = ops.lipschitz_ratio(out, out2, in_norm).sum() / num_samples
-                if reduction == "mean":
-                    loss = loss / global_rows
-                loss.backward()
-            else:  # this rank's share of a small batch is empty: it adds zero gradients
-                loss = torch.zeros((), dtype=opmath_dtype(x.dtype), device=x.device)
+                with torch.inference_mode():
+                    clean = out.detach()
+                    out2 = out2.view(num_samples, rows, out.shape[1])
+                    ratio = step_ops.ratio(clean, out2, in_norm)
+                    seed_grad = step_ops.loss_seed(ratio, num_samples, mean_rows)
+                    grad_out = step_ops.ratio_backward(seed_grad, clean, out2, in_norm, False)[0]
+                    ratio_sums.append(ratio.sum())
+                out.backward(grad_out)
+                loss_scales.append(num_samples * (mean_rows or 1))
+            # else: this rank's share of a small batch is empty; it adds zero gradients
             split.reduce_grads_(params)  # sum over ranks = the gradient of the global batch
-            _check_finite_grads(updated, steps)
+            _check_finite_grads(updated, steps, step_ops.all_finite)
             if optimizer is None:
                 with torch.no_grad():
                     stepped = [p for p in params if p.grad is not None]
                     torch._foreach_add_(stepped, [p.grad for p in stepped], alpha=-lr)
             else:
                 optimizer.step()
-            if optimizer is not None and not _all_finite(updated):
-                raise FloatingPointError(f"optimizer: step {steps + 1} wrote non-finite values into the "
-                                         "parameters; the model was restored")
+                if not step_ops.all_finite(updated):
+                    raise FloatingPointError(f"optimizer: step {steps + 1} wrote non-finite values into the "
+                                             "parameters; the model was restored")
             steps, samples = steps + 1, samples + b
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
     for p in params:
         p.grad = None
-    samples, loss_total = split.totals(samples, loss_sum.item())
+    sums = torch.stack(ratio_sums).double().tolist() if ratio_sums else []
+    loss_sum = sum(v / scale for v, scale in zip(sums, loss_scales))
+    samples, loss_total = split.totals(samples, loss_sum)
     return steps, samples, loss_total
+
+
+class _StepOps:
+    """The op tier of one default-mode run on `device`, resolved once.  The run builds the ops'
+    arguments itself (shapes and dtypes valid by construction), so it calls them without the
+    public wrappers' checks."""
+
+    def __init__(self, device: torch.device):
+        if _backend.use_compiled(device):
+            lib = torch.ops.jit_unlearn
+            self.perturb = lib.perturb.default
+            self.ratio = lib.lipschitz_ratio.default
+            self.ratio_backward = lib._lipschitz_ratio_backward.default
+        else:
+            self.perturb, self.ratio = reference.perturb, reference.lipschitz_ratio
+            self.ratio_backward = reference.lipschitz_ratio_backward
+        self._seeds = {}
+        self._found = torch.zeros(1, dtype=torch.float32, device=device)
+        self._one = torch.ones(1, dtype=torch.float32, device=device)
+
+    def loss_seed(self, ratio: torch.Tensor, num_samples: int, mean_rows: int | None) -> torch.Tensor:
+        """d loss / d ratio [N, rows] (expanded) for loss = sum(ratio) / N (/ mean_rows), computed
+        as autograd propagates it through the two divisions: on the compiled tier the gradient is
+        bitwise that of `loss.backward()` through the differentiable op.  Cached per shape."""
+        key = (tuple(ratio.shape), mean_rows)
+        if key not in self._seeds:
+            seed = torch.ones((), dtype=ratio.dtype, device=ratio.device)
+            if mean_rows is not None:
+                seed = seed / mean_rows
+            self._seeds[key] = (seed / num_samples).expand(ratio.shape)
+        return self._seeds[key]
+
+    def all_finite(self, tensors) -> bool:
+        """`_all_finite`, reusing the fused check's flag buffers across steps."""
+        return _all_finite(tensors, found=self._found, one=self._one)
 
 
 def _chunked_forward(model, x, budget):
@@ -252,17 +299,30 @@ def _chunked_forward(model, x, budget):
     return torch.cat([check_logits(model(c), c.shape[0]) for c in x.split(rows)])
 
 
-def _all_finite(tensors) -> bool:
-    # max |t| is inf or NaN exactly when some element is (amax propagates NaN); one sync in all
-    maxima = [t.detach().abs().amax() for t in tensors if t is not None and t.numel() > 0]
-    if not maxima:
+def _all_finite(tensors, found: torch.Tensor | None = None, one: torch.Tensor | None = None) -> bool:
+    """True when no element of `tensors` (None entries skipped) is inf or NaN; one host sync.
+    `found` / `one`: float32 [1] buffers on the tensors' device to reuse (found must be 0)."""
+    tensors = [t.detach() for t in tensors if t is not None and t.numel() > 0]
+    if not tensors:
         return True
-    device = maxima[0].device
-    return bool(torch.isfinite(torch.stack([m.to(device, torch.float32) for m in maxima])).all())
+    device = tensors[0].device
+    if all(t.device == device and t.dtype in _FUSED_CHECK_DTYPES for t in tensors):
+        # One fused pass over every tensor: torch's foreach inf/NaN check (the AMP grad-scaler's),
+        # with the scale 1.0, which leaves every value bitwise as it was.
+        found = torch.zeros(1, dtype=torch.float32, device=device) if found is None else found
+        one = torch.ones(1, dtype=torch.float32, device=device) if one is None else one
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
+        return not bool(found.item())
+    # max |t| is inf or NaN exactly when some element is (amax propagates NaN)
+    maxima = [t.abs().amax().to(device, torch.float32) for t in tensors]
+    return bool(torch.isfinite(torch.stack(maxima)).all())
 
 
-def _check_finite_grads(params, step):
-    if not _all_finite([p.grad for p in params]):
+_FUSED_CHECK_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
+
+
+def _check_finite_grads(params, step, all_finite=_all_finite):
+    if not all_finite([p.grad for p in params]):
         raise FloatingPointError(f"jit: non-finite gradients in step {step + 1} (forget batch {step + 1}); "
                                  "the model was restored.  A smaller lr or a larger sigma may help")
 

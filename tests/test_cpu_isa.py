@@ -1,0 +1,98 @@
+"""The CPU kernels' instruction-set variants (csrc/cpu/cpu_isa.h) give bitwise the same results.
+
+Each variant runs in a subprocess with ATEN_CPU_CAPABILITY capping the level (ATen caps it further
+to what the CPU has, so on a machine without AVX-512 two runs use the AVX2 copy); every output of
+perturb and of the Lipschitz forward and backward must match the baseline copy bit for bit."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from jit_unlearn import _backend, reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPABILITIES = ("default", "avx2", "avx512")
+
+pytestmark = pytest.mark.skipif(not _backend.has_kernel("cpu"), reason="compiled CPU kernels not built")
+
+_CHILD = """
+import sys
+import torch
+import jit_unlearn  # registers the ops
+torch.set_num_threads(2)
+results = {"capability": torch.backends.cpu.get_cpu_capability()}
+gen = torch.Generator().manual_seed(0)
+
+
+def values(*shape, low=-4.0, high=4.0):
+    # Multiples of 2^-16 drawn as integers: torch's own randn differs between capabilities.
+    return torch.randint(int(low * 2**16), int(high * 2**16), shape, generator=gen).double() / 2**16
+
+
+# Rows of 3 * 11 * 7 = 231 elements: Philox groups straddle rows, chunks straddle rows and tasks.
+for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    x = values(37, 3, 11, 7).to(dtype)
+    for clamp in (True, False):
+        results[f"perturb_{dtype}_{clamp}"] = torch.ops.jit_unlearn.perturb(x, 5, 0.4, 2**40 + 3, 9, clamp)
+    out = values(33, 19).to(dtype)
+    pert = values(6, 33, 19).to(dtype)
+    op = torch.float64 if dtype == torch.float64 else torch.float32
+    in_norm = values(6, 33, low=0.1, high=2.0).to(op)
+    in_norm[0, 0] = 0.0
+    grad = values(6, 33, low=0.0, high=1.0).to(op)
+    results[f"ratio_{dtype}"] = torch.ops.jit_unlearn.lipschitz_ratio(out, pert, in_norm)
+    results[f"backward_{dtype}"] = torch.ops.jit_unlearn._lipschitz_ratio_backward(grad, out, pert, in_norm, True)
+torch.save(results, sys.argv[1])
+"""
+
+
+def _run_variant(capability: str, path: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               ATEN_CPU_CAPABILITY=capability)
+    env.pop("JIT_UNLEARN_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_CHILD), path], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return torch.load(path, weights_only=True)
+
+
+def _flat(value):
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+def test_isa_variants_agree_bitwise(tmp_path):
+    runs = {cap: _run_variant(cap, str(tmp_path / f"{cap}.pt")) for cap in CAPABILITIES}
+    base = runs["default"]
+    assert base["capability"] == "DEFAULT"  # the baseline copy really ran
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert runs["avx2"]["capability"] == "AVX2"  # and so did an upper one
+    for cap, got in runs.items():
+        assert got.keys() == base.keys()
+        for key in base:
+            if key == "capability":
+                continue
+            for a, b in zip(_flat(got[key]), _flat(base[key])):
+                assert torch.equal(a, b), f"{key} differs between ATEN_CPU_CAPABILITY={cap} and default"
+    # and the noise is the reference tier's, whichever copy drew it
+    x = torch.randint(-4 * 2**16, 4 * 2**16, (37, 3, 11, 7), generator=torch.Generator().manual_seed(0))
+    x = (x.double() / 2**16).float()
+    want = reference.perturb(x, 5, 0.4, 2**40 + 3, 9, True)
+    assert torch.equal(base["perturb_torch.float32_True"][0], want[0])
+
+
+def test_perturb_same_for_every_thread_count():
+    # Tasks start at different rows with 1, 2 and 3 threads; x_tilde and in_norm must not change.
+    x = torch.randn(50, 231, generator=torch.Generator().manual_seed(1))
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(torch.ops.jit_unlearn.perturb(x, 7, 0.3, 4, 2, True))
+    finally:
+        torch.set_num_threads(saved)
+    for x_tilde, in_norm in results[1:]:
+        assert torch.equal(x_tilde, results[0][0]) and torch.equal(in_norm, results[0][1])
