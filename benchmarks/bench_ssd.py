@@ -54,9 +54,9 @@ def _digits_case():
 def _resnet_case():
     torch.manual_seed(0)
     model = ResNet18(num_classes=10)  # 11.17 M parameters
-    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
-    forget = DataLoader(TensorDataset(x[:8], y[:8]), batch_size=8)
-    full = DataLoader(TensorDataset(x, y), batch_size=8)
+    x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+    forget = DataLoader(TensorDataset(x[:16], y[:16]), batch_size=16)
+    full = DataLoader(TensorDataset(x, y), batch_size=16)  # 4 batches
     return model, forget, full
 
 

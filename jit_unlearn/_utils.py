@@ -37,6 +37,29 @@ def as_batches(data, batch_size: int | None = None, *, name: str = "data", shuff
     raise TypeError(f"{name}: expected a DataLoader, Dataset or tensor, got {type(data).__name__}")
 
 
+def iter_batches(batches: Iterable) -> Iterator:
+    """Iterate `batches`.  A plain DataLoader over a TensorDataset (sequential sampler, automatic
+    batching, the default collate function, no pinning) yields the batches it would collate, cut
+    from the tensors as row slices (copied, as collation copies) instead of gathered sample by
+    sample and stacked; anything else is iterated as it is."""
+    if not _plain_tensor_loader(batches):
+        return iter(batches)
+    tensors, size = batches.dataset.tensors, batches.batch_size
+    rows = tensors[0].shape[0]
+    stop = rows - rows % size if batches.drop_last else rows
+    return ([t[i:i + size].clone() for t in tensors] for i in range(0, stop, size))
+
+
+def _plain_tensor_loader(batches) -> bool:
+    from torch.utils.data import BatchSampler, SequentialSampler
+    from torch.utils.data._utils.collate import default_collate
+
+    return (type(batches) is DataLoader and type(batches.dataset) is TensorDataset
+            and batches.batch_size is not None and type(batches.sampler) is SequentialSampler
+            and type(batches.batch_sampler) is BatchSampler and batches.collate_fn is default_collate
+            and not batches.pin_memory)
+
+
 def split_rows(data, batch_size: int | None = None, *, name: str = "data") -> tuple[torch.Tensor, ...]:
     """The batches a DataLoader over a tensor (or a one-tensor TensorDataset) of samples would yield,
     in order and without shuffling, as views of its rows: no per-sample gathering.  Checks as

