@@ -13,6 +13,9 @@ TORCH_LIBRARY(jit_unlearn, m) {
   m.def(
       "_lipschitz_ratio_backward(Tensor grad, Tensor out, Tensor out_perturbed, Tensor in_norm, "
       "bool compute_perturbed_grad) -> (Tensor, Tensor)");
+  // Both at once, for callers that hold out_perturbed constant (JiT): the ratios [N, B] and the
+  // gradient w.r.t. out [B, K] of sum(grad * ratio), in one pass over out_perturbed.
+  m.def("_lipschitz_ratio_and_grad(Tensor grad, Tensor out, Tensor out_perturbed, Tensor in_norm) -> (Tensor, Tensor)");
   // acc[i] += scale * g[i]^2 ("square") or scale * |g[i]| ("abs").  The argument is not called `mode`:
   // torch.compile's auto-functionalization passes op arguments as keywords, and `mode` collides there.
   m.def("accumulate_importance_(Tensor(a!)[] acc, Tensor[] grads, str importance_mode, float scale) -> ()");

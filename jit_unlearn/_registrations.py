@@ -23,6 +23,11 @@ if _backend.extension_loaded():
         shape = tuple(out_perturbed.shape) if compute_perturbed_grad else (0,)
         return out.new_empty(tuple(out.shape)), out_perturbed.new_empty(shape)
 
+    @torch.library.register_fake("jit_unlearn::_lipschitz_ratio_and_grad")
+    def _lipschitz_ratio_and_grad_fake(grad, out, out_perturbed, in_norm):
+        ratio = out.new_empty(tuple(out_perturbed.shape[:2]), dtype=opmath_dtype(out.dtype))
+        return ratio, out.new_empty(tuple(out.shape))
+
     @torch.library.register_fake("jit_unlearn::accumulate_importance_")
     def _accumulate_importance_fake(acc, grads, importance_mode, scale):
         return None

@@ -3,6 +3,7 @@ failure, switching train/eval mode temporarily, and progress bars."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -142,8 +143,15 @@ def check_logits(out, batch_size: int, *, name: str = "model") -> torch.Tensor:
     return out
 
 
-def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+def _snapshot(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tensor, copy) for every parameter and buffer (persistent or not), each tensor once."""
+    seen: set[int] = set()
+    saved = []
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            saved.append((t, t.detach().clone()))
+    return saved
 
 
 @contextlib.contextmanager
@@ -156,9 +164,8 @@ def restore_on_failure(model: torch.nn.Module) -> Iterator[None]:
         yield
     except BaseException:
         with torch.no_grad():
-            current = model.state_dict(keep_vars=True)
-            for k, v in saved.items():
-                current[k].data.copy_(v)
+            for t, copy in saved:
+                t.copy_(copy)
         for p in model.parameters():
             p.grad = None
         for m, flag in training.items():
@@ -171,7 +178,7 @@ def module_mode(model: torch.nn.Module, training: bool | None) -> Iterator[None]
     """Run the body with every module in train (True) or eval (False) mode, then restore each
     module's own flag.  None leaves the modes untouched."""
     saved = {m: m.training for m in model.modules()}
-    if training is not None:
+    if training is not None and any(flag != training for flag in saved.values()):
         model.train(training)
     try:
         yield

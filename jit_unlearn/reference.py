@@ -207,6 +207,13 @@ def lipschitz_ratio_backward(grad: torch.Tensor, out: torch.Tensor, out_perturbe
     return grad_out, grad_pert
 
 
+def lipschitz_ratio_and_grad(grad: torch.Tensor, out: torch.Tensor, out_perturbed: torch.Tensor,
+                             in_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lipschitz_ratio(out, out_perturbed, in_norm), the gradient of sum(grad * ratio) w.r.t. out)."""
+    ratio = lipschitz_ratio(out, out_perturbed, in_norm)
+    return ratio, lipschitz_ratio_backward(grad, out, out_perturbed, in_norm, False)[0]
+
+
 def accumulate_importance_(acc: list[torch.Tensor], grads: list[torch.Tensor], mode: str,
                            scale: float) -> None:
     """acc[i] += scale * g^2 ("square") or scale * |g| ("abs"), in acc's opmath dtype."""

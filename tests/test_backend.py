@@ -12,8 +12,8 @@ import jit_unlearn
 from jit_unlearn import _backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = ("perturb", "lipschitz_ratio", "_lipschitz_ratio_backward", "accumulate_importance_", "ssd_dampen_",
-       "masked_reset_")
+OPS = ("perturb", "lipschitz_ratio", "_lipschitz_ratio_backward", "_lipschitz_ratio_and_grad",
+       "accumulate_importance_", "ssd_dampen_", "masked_reset_")
 
 
 def _run(code: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:

@@ -1,4 +1,5 @@
-"""Tests of lipschitz_ratio and _lipschitz_ratio_backward: compiled kernels, reference tier, autograd."""
+"""Tests of lipschitz_ratio, _lipschitz_ratio_backward and _lipschitz_ratio_and_grad: compiled kernels,
+reference tier, autograd."""
 import os
 import subprocess
 import sys
@@ -25,6 +26,10 @@ def _fwd(*args):
 
 def _bwd(*args):
     return torch.ops.jit_unlearn._lipschitz_ratio_backward.default(*args)
+
+
+def _fused(*args):
+    return torch.ops.jit_unlearn._lipschitz_ratio_and_grad.default(*args)
 
 
 def _inputs(n, b, k, dtype, seed=0, norm_dtype=None):
@@ -445,6 +450,85 @@ def test_bad_grad_argument_backward_op():
         _bwd(torch.ones(3, 2), out, pert, norm, False)
     with pytest.raises(TypeError, match="_lipschitz_ratio_backward: grad:"):
         _bwd(torch.ones(2, 3, dtype=torch.int32), out, pert, norm, False)
+
+
+# ---------------------------------------------------------------- _lipschitz_ratio_and_grad
+
+
+@requires_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(0, 3, 4), (2, 3, 0)])
+def test_fused_is_bitwise_forward_and_backward(dtype, shape):
+    # the fused op's ratios and out-gradient are exactly the two separate ops' results
+    out, out_perturbed, in_norm = _inputs(*shape, dtype, seed=31)
+    if in_norm.numel():
+        in_norm[..., :1] = 0.0  # the in_norm guard
+    if out_perturbed.numel():
+        out_perturbed[:1, :1] = out[:1]  # and the zero-difference guard
+    grad = torch.rand(shape[:2], generator=torch.Generator().manual_seed(1), dtype=reference.opmath_dtype(dtype))
+    ratio, grad_out = _fused(grad, out, out_perturbed, in_norm)
+    assert ratio.dtype == reference.opmath_dtype(dtype) and grad_out.dtype == dtype
+    assert torch.equal(ratio, _fwd(out, out_perturbed, in_norm))
+    assert torch.equal(grad_out, _bwd(grad, out, out_perturbed, in_norm, False)[0])
+    # and match the reference tier
+    want_ratio, want_grad = reference.lipschitz_ratio_and_grad(grad, out, out_perturbed, in_norm)
+    torch.testing.assert_close(ratio, want_ratio, **_tol(ratio.dtype))
+    torch.testing.assert_close(grad_out, want_grad, **_tol(dtype))
+
+
+@requires_compiled
+def test_fused_by_hand_with_expanded_seed():
+    out, out_perturbed, in_norm = _triangles(torch.float32)
+    ratio, grad_out = _fused(torch.ones(()).expand(2, 2), out, out_perturbed, in_norm)
+    torch.testing.assert_close(ratio, torch.tensor([[2.5, 0.0], [2.5, 0.0]]), rtol=0, atol=0)
+    torch.testing.assert_close(grad_out, torch.tensor([[0.45, 0.6], [0.0, 0.0]]))
+
+
+@requires_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_opcheck(dtype):
+    out, out_perturbed, in_norm = _inputs(3, 4, 18, dtype, seed=9)
+    grad = torch.rand(3, 4, dtype=reference.opmath_dtype(dtype))
+    torch.library.opcheck(torch.ops.jit_unlearn._lipschitz_ratio_and_grad.default, (grad, out, out_perturbed, in_norm))
+
+
+@requires_compiled
+def test_fused_torch_compile_fullgraph():
+    out, out_perturbed, in_norm = _inputs(5, 6, 10, torch.float32, seed=2)
+    grad = torch.full((5, 6), 0.2)
+
+    def loss_and_grad(o, p, n, g):
+        ratio, grad_out = torch.ops.jit_unlearn._lipschitz_ratio_and_grad(g, o, p, n)
+        return ratio.sum(), grad_out * 2
+
+    compiled = torch.compile(loss_and_grad, fullgraph=True, backend="aot_eager")
+    got = compiled(out, out_perturbed, in_norm, grad)
+    want = loss_and_grad(out, out_perturbed, in_norm, grad)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@requires_compiled
+def test_fused_errors_name_the_argument():
+    out, pert, norm = torch.randn(3, 4), torch.randn(2, 3, 4), torch.rand(2, 3) + 0.5
+    with pytest.raises(ValueError, match="_lipschitz_ratio_and_grad: grad:"):
+        _fused(torch.ones(3, 2), out, pert, norm)
+    with pytest.raises(ValueError, match="_lipschitz_ratio_and_grad: out_perturbed:"):
+        _fused(torch.ones(2, 3), out, pert[:, :2], norm)
+
+
+@requires_cuda
+@requires_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (25, 128, 100), (3, 7, 1000), (0, 3, 4), (2, 3, 0)])
+def test_fused_cuda_matches_cpu(dtype, shape):
+    out, out_perturbed, in_norm = _inputs(*shape, dtype, seed=37)
+    grad = torch.rand(shape[:2], dtype=reference.opmath_dtype(dtype))
+    dev = torch.device("cuda")
+    got = _fused(grad.to(dev), out.to(dev), out_perturbed.to(dev), in_norm.to(dev))
+    want = _fused(grad, out, out_perturbed, in_norm)
+    for g, w in zip(got, want):
+        assert g.device.type == "cuda" and g.dtype == w.dtype
+        torch.testing.assert_close(g.cpu(), w, **_tol(w.dtype))
 
 
 @requires_cuda

@@ -84,6 +84,9 @@ C10_ALWAYS_INLINE void backward_rows(const LipschitzArgs<scalar_t, acc_t>& a, in
     // All N coefficients of b first (their sqrt/division latencies overlap), then the sums over n;
     // the N rows out_perturbed[:, b] (N * K elements) stay in cache between the two passes.
     for (int64_t n = 0; n < N; ++n) coefs[n] = row_sq_distance<scalar_t, acc_t>(ob, a.out_perturbed + (n * B + b) * K, K);
+    if (a.ratio != nullptr) {  // the forward's ratios too (_lipschitz_ratio_and_grad)
+      for (int64_t n = 0; n < N; ++n) a.ratio[n * B + b] = lipschitz_ratio_value<acc_t>(coefs[n], a.in_norm[n * B + b]);
+    }
     for (int64_t n = 0; n < N; ++n) {
       coefs[n] = lipschitz_backward_coef<acc_t>(a.grad[n * B + b], coefs[n], a.in_norm[n * B + b]);
     }
@@ -171,14 +174,16 @@ at::Tensor lipschitz_ratio_cpu(const at::Tensor& out, const at::Tensor& out_pert
   return ratio;
 }
 
-// (grad_out [B, K] in out.dtype, grad_out_perturbed [N, B, K] in out_perturbed.dtype or [0]).
-// Parallel over b: each task owns whole rows of grad_out and walks n inside, so no reduction races.
-std::tuple<at::Tensor, at::Tensor> lipschitz_ratio_backward_cpu(const at::Tensor& grad, const at::Tensor& out,
-                                                                const at::Tensor& out_perturbed,
-                                                                const at::Tensor& in_norm,
-                                                                bool compute_perturbed_grad) {
-  check_lipschitz_args("_lipschitz_ratio_backward", out, out_perturbed, in_norm);
-  check_lipschitz_grad("_lipschitz_ratio_backward", grad, out, out_perturbed);
+// The backward of both ops: (grad_out [B, K] in out.dtype, grad_out_perturbed [N, B, K] in
+// out_perturbed.dtype or [0], ratio [N, B] in opmath when with_ratio, else undefined).  Parallel
+// over b: each task owns whole rows of grad_out (and the ratios of its b) and walks n inside, so
+// no reduction races.
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const char* op, const at::Tensor& grad,
+                                                            const at::Tensor& out, const at::Tensor& out_perturbed,
+                                                            const at::Tensor& in_norm, bool compute_perturbed_grad,
+                                                            bool with_ratio) {
+  check_lipschitz_args(op, out, out_perturbed, in_norm);
+  check_lipschitz_grad(op, grad, out, out_perturbed);
   const int64_t N = out_perturbed.size(0), B = out.size(0), K = out.size(1);
   const auto acc_type = opmath_scalar_type(out.scalar_type());
   const at::Tensor o = out.contiguous();
@@ -188,15 +193,17 @@ std::tuple<at::Tensor, at::Tensor> lipschitz_ratio_backward_cpu(const at::Tensor
   at::Tensor grad_out = at::empty({B, K}, out.options());
   at::Tensor grad_pert = compute_perturbed_grad ? at::empty({N, B, K}, out_perturbed.options())
                                                 : at::empty({0}, out_perturbed.options());
-  if (grad_out.numel() == 0) return {grad_out, grad_pert};
+  at::Tensor ratio = with_ratio ? at::empty({N, B}, out.options().dtype(acc_type)) : at::Tensor();
+  if (B == 0 || (K == 0 && !with_ratio)) return {grad_out, grad_pert, ratio};
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "lipschitz_ratio_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "lipschitz_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const LipschitzArgs<scalar_t, acc_t> args{
         .out = o.const_data_ptr<scalar_t>(),
         .out_perturbed = p.const_data_ptr<scalar_t>(),
         .in_norm = den.const_data_ptr<acc_t>(),
         .grad = g.const_data_ptr<acc_t>(),
+        .ratio = with_ratio ? ratio.mutable_data_ptr<acc_t>() : nullptr,
         .grad_out = grad_out.mutable_data_ptr<scalar_t>(),
         .grad_perturbed = compute_perturbed_grad ? grad_pert.mutable_data_ptr<scalar_t>() : nullptr,
         .N = N,
@@ -212,12 +219,32 @@ std::tuple<at::Tensor, at::Tensor> lipschitz_ratio_backward_cpu(const at::Tensor
       rows(args, begin, end, acc.data(), coefs.data());
     });
   });
+  return {grad_out, grad_pert, ratio};
+}
+
+std::tuple<at::Tensor, at::Tensor> lipschitz_ratio_backward_cpu(const at::Tensor& grad, const at::Tensor& out,
+                                                                const at::Tensor& out_perturbed,
+                                                                const at::Tensor& in_norm,
+                                                                bool compute_perturbed_grad) {
+  auto [grad_out, grad_pert, unused] =
+      backward_cpu("_lipschitz_ratio_backward", grad, out, out_perturbed, in_norm, compute_perturbed_grad, false);
   return {grad_out, grad_pert};
+}
+
+// (ratio [N, B] in opmath, grad_out [B, K] in out.dtype): lipschitz_ratio and the out-gradient of
+// _lipschitz_ratio_backward, bitwise as those two ops give them, in one pass.
+std::tuple<at::Tensor, at::Tensor> lipschitz_ratio_and_grad_cpu(const at::Tensor& grad, const at::Tensor& out,
+                                                                const at::Tensor& out_perturbed,
+                                                                const at::Tensor& in_norm) {
+  auto [grad_out, unused, ratio] =
+      backward_cpu("_lipschitz_ratio_and_grad", grad, out, out_perturbed, in_norm, false, true);
+  return {ratio, grad_out};
 }
 
 TORCH_LIBRARY_IMPL(jit_unlearn, CPU, m) {
   m.impl("lipschitz_ratio", &lipschitz_ratio_cpu);
   m.impl("_lipschitz_ratio_backward", &lipschitz_ratio_backward_cpu);
+  m.impl("_lipschitz_ratio_and_grad", &lipschitz_ratio_and_grad_cpu);
 }
 
 }  // namespace jit_unlearn

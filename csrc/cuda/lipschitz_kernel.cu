@@ -29,11 +29,13 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 }
 
 // One warp per (n, b) row: the lanes stride over k, then a butterfly sum.  Writes the ratio
-// (kCoef = false) or the backward coefficient grad / (num * in_norm) (kCoef = true) of each row.
+// (kCoef = false) or the backward coefficient grad / (num * in_norm) (kCoef = true) of each row,
+// and with kCoef also the ratio into `ratio` unless it is null (_lipschitz_ratio_and_grad).
 template <typename scalar_t, typename acc_t, bool kCoef>
 __global__ void lipschitz_row_kernel(const scalar_t* __restrict__ out, const scalar_t* __restrict__ out_perturbed,
                                      const acc_t* __restrict__ in_norm, const acc_t* __restrict__ grad,
-                                     acc_t* __restrict__ result, int64_t rows, int64_t B, int64_t K) {
+                                     acc_t* __restrict__ result, acc_t* __restrict__ ratio, int64_t rows, int64_t B,
+                                     int64_t K) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kRowsPerBlock;
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarpSize; row < rows;
@@ -48,6 +50,7 @@ __global__ void lipschitz_row_kernel(const scalar_t* __restrict__ out, const sca
     if (lane == 0) {
       if constexpr (kCoef) {
         result[row] = lipschitz_backward_coef<acc_t>(grad[row], sq, in_norm[row]);
+        if (ratio != nullptr) ratio[row] = lipschitz_ratio_value<acc_t>(sq, in_norm[row]);
       } else {
         result[row] = lipschitz_ratio_value<acc_t>(sq, in_norm[row]);
       }
@@ -102,19 +105,21 @@ at::Tensor lipschitz_ratio_cuda(const at::Tensor& out, const at::Tensor& out_per
     using acc_t = at::opmath_type<scalar_t>;
     lipschitz_row_kernel<scalar_t, acc_t, false><<<blocks_for(rows, kRowsPerBlock), kThreads, 0, stream>>>(
         o.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(), den.const_data_ptr<acc_t>(), nullptr,
-        ratio.mutable_data_ptr<acc_t>(), rows, B, K);
+        ratio.mutable_data_ptr<acc_t>(), nullptr, rows, B, K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return ratio;
 }
 
-// (grad_out [B, K] in out.dtype, grad_out_perturbed [N, B, K] in out_perturbed.dtype or [0]).
-std::tuple<at::Tensor, at::Tensor> lipschitz_ratio_backward_cuda(const at::Tensor& grad, const at::Tensor& out,
-                                                                 const at::Tensor& out_perturbed,
-                                                                 const at::Tensor& in_norm,
-                                                                 bool compute_perturbed_grad) {
-  check_lipschitz_args("_lipschitz_ratio_backward", out, out_perturbed, in_norm);
-  check_lipschitz_grad("_lipschitz_ratio_backward", grad, out, out_perturbed);
+// The backward of both ops: (grad_out [B, K] in out.dtype, grad_out_perturbed [N, B, K] in
+// out_perturbed.dtype or [0], ratio [N, B] in opmath when with_ratio, else undefined).
+static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, const at::Tensor& grad,
+                                                                    const at::Tensor& out,
+                                                                    const at::Tensor& out_perturbed,
+                                                                    const at::Tensor& in_norm,
+                                                                    bool compute_perturbed_grad, bool with_ratio) {
+  check_lipschitz_args(op, out, out_perturbed, in_norm);
+  check_lipschitz_grad(op, grad, out, out_perturbed);
   const c10::cuda::CUDAGuard device_guard(out.device());
   const int64_t N = out_perturbed.size(0), B = out.size(0), K = out.size(1);
   const auto acc_type = opmath_scalar_type(out.scalar_type());
@@ -125,31 +130,54 @@ std::tuple<at::Tensor, at::Tensor> lipschitz_ratio_backward_cuda(const at::Tenso
   at::Tensor grad_out = at::empty({B, K}, out.options());
   at::Tensor grad_pert = compute_perturbed_grad ? at::empty({N, B, K}, out_perturbed.options())
                                                 : at::empty({0}, out_perturbed.options());
-  if (grad_out.numel() == 0) return {grad_out, grad_pert};
-  at::Tensor coef = at::empty({N, B}, out.options().dtype(acc_type));
+  at::Tensor ratio = with_ratio ? at::empty({N, B}, out.options().dtype(acc_type)) : at::Tensor();
   const int64_t rows = N * B;
+  if (grad_out.numel() == 0 && rows == 0) return {grad_out, grad_pert, ratio};
+  at::Tensor coef = at::empty({N, B}, out.options().dtype(acc_type));
   const auto stream = at::cuda::getCurrentCUDAStream();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "lipschitz_ratio_backward_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "lipschitz_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (rows > 0) {
       lipschitz_row_kernel<scalar_t, acc_t, true><<<blocks_for(rows, kRowsPerBlock), kThreads, 0, stream>>>(
           o.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(), den.const_data_ptr<acc_t>(),
-          g.const_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>(), rows, B, K);
+          g.const_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>(),
+          with_ratio ? ratio.mutable_data_ptr<acc_t>() : nullptr, rows, B, K);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    lipschitz_grad_kernel<scalar_t, acc_t><<<blocks_for(B * K, kThreads), kThreads, 0, stream>>>(
-        o.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t>(),
-        grad_out.mutable_data_ptr<scalar_t>(),
-        compute_perturbed_grad ? grad_pert.mutable_data_ptr<scalar_t>() : nullptr, N, B, K);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (grad_out.numel() > 0) {
+      lipschitz_grad_kernel<scalar_t, acc_t><<<blocks_for(B * K, kThreads), kThreads, 0, stream>>>(
+          o.const_data_ptr<scalar_t>(), p.const_data_ptr<scalar_t>(), coef.const_data_ptr<acc_t>(),
+          grad_out.mutable_data_ptr<scalar_t>(),
+          compute_perturbed_grad ? grad_pert.mutable_data_ptr<scalar_t>() : nullptr, N, B, K);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
+  return {grad_out, grad_pert, ratio};
+}
+
+std::tuple<at::Tensor, at::Tensor> lipschitz_ratio_backward_cuda(const at::Tensor& grad, const at::Tensor& out,
+                                                                 const at::Tensor& out_perturbed,
+                                                                 const at::Tensor& in_norm,
+                                                                 bool compute_perturbed_grad) {
+  auto [grad_out, grad_pert, unused] =
+      backward_cuda("_lipschitz_ratio_backward", grad, out, out_perturbed, in_norm, compute_perturbed_grad, false);
   return {grad_out, grad_pert};
+}
+
+// (ratio [N, B] in opmath, grad_out [B, K] in out.dtype) in one pass over out_perturbed's rows.
+std::tuple<at::Tensor, at::Tensor> lipschitz_ratio_and_grad_cuda(const at::Tensor& grad, const at::Tensor& out,
+                                                                 const at::Tensor& out_perturbed,
+                                                                 const at::Tensor& in_norm) {
+  auto [grad_out, unused, ratio] =
+      backward_cuda("_lipschitz_ratio_and_grad", grad, out, out_perturbed, in_norm, false, true);
+  return {ratio, grad_out};
 }
 
 TORCH_LIBRARY_IMPL(jit_unlearn, CUDA, m) {
   m.impl("lipschitz_ratio", &lipschitz_ratio_cuda);
   m.impl("_lipschitz_ratio_backward", &lipschitz_ratio_backward_cuda);
+  m.impl("_lipschitz_ratio_and_grad", &lipschitz_ratio_and_grad_cuda);
 }
 
 }  // namespace jit_unlearn

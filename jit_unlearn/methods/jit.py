@@ -162,9 +162,10 @@ def jit(model: nn.Module, forget, *, sigma: float, lr: float, num_samples: int =
             backend = "torch"
         else:
             budget = default_max_batch_elems(device) if max_batch_elems is None else max_batch_elems
+            step_ops = _StepOps(device)
             steps, samples, loss_sum = _run_default(model, xs, params, float(sigma), float(lr), num_samples,
-                                                    seed, reduction, optimizer, budget, split)
-            backend = _backend.backend_name(device)
+                                                    seed, reduction, optimizer, budget, split, step_ops)
+            backend = step_ops.tier
     return JiTReport(steps=steps, samples=samples, seconds=time.perf_counter() - start,
                      mean_loss=float(loss_sum) / steps, backend=backend, mode=mode)
 
@@ -200,14 +201,13 @@ def _run_reference(model, xs, params, sigma, lr, num_samples, reduction):
     return steps, samples, loss_sum
 
 
-def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, optimizer, budget, split):
+def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, optimizer, budget, split, step_ops):
     """Eval mode, fused noise, one chunked no-grad forward of all N*B perturbed samples, fused loss.
 
     Everything that needs no graph (noise, perturbed forwards, the loss and its gradient w.r.t. the
     clean outputs) runs in inference mode on ops resolved once per run, so a step costs few
     dispatcher calls besides the model's own."""
     updated = params if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
-    step_ops = _StepOps(model_device(model))
     steps = samples = 0
     ratio_sums, loss_scales = [], []
     with module_mode(model, False):
@@ -226,21 +226,27 @@ def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, opt
                 out = check_logits(model(x), rows)
                 with torch.inference_mode():
                     clean = out.detach()
-                    out2 = out2.view(num_samples, rows, out.shape[1])
-                    ratio = step_ops.ratio(clean, out2, in_norm)
-                    seed_grad = step_ops.loss_seed(ratio, num_samples, mean_rows)
-                    grad_out = step_ops.ratio_backward(seed_grad, clean, out2, in_norm, False)[0]
+                    seed_grad = step_ops.loss_seed(in_norm, num_samples, mean_rows)
+                    ratio, grad_out = step_ops.ratio_and_grad(seed_grad, clean, out2.view(num_samples, rows, -1),
+                                                              in_norm)
                     ratio_sums.append(ratio.sum())
                 out.backward(grad_out)
                 loss_scales.append(num_samples * (mean_rows or 1))
             # else: this rank's share of a small batch is empty; it adds zero gradients
             split.reduce_grads_(params)  # sum over ranks = the gradient of the global batch
-            _check_finite_grads(updated, steps, step_ops.all_finite)
             if optimizer is None:
+                grads = [p.grad for p in params]
+                if not step_ops.all_finite(grads):
+                    raise _non_finite_grads(steps)
                 with torch.no_grad():
-                    stepped = [p for p in params if p.grad is not None]
-                    torch._foreach_add_(stepped, [p.grad for p in stepped], alpha=-lr)
+                    if all(g is not None for g in grads):
+                        torch._foreach_add_(params, grads, alpha=-lr)
+                    else:  # parameters this step did not reach
+                        stepped = [p for p in params if p.grad is not None]
+                        torch._foreach_add_(stepped, [p.grad for p in stepped], alpha=-lr)
             else:
+                if not step_ops.all_finite([p.grad for p in updated]):
+                    raise _non_finite_grads(steps)
                 optimizer.step()
                 if not step_ops.all_finite(updated):
                     raise FloatingPointError(f"optimizer: step {steps + 1} wrote non-finite values into the "
@@ -248,7 +254,7 @@ def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, opt
             steps, samples = steps + 1, samples + b
     for p in params:
         p.grad = None
-    sums = torch.stack(ratio_sums).double().tolist() if ratio_sums else []
+    sums = torch.stack(ratio_sums).tolist() if ratio_sums else []
     loss_sum = sum(v / scale for v, scale in zip(sums, loss_scales))
     samples, loss_total = split.totals(samples, loss_sum)
     return steps, samples, loss_total
@@ -262,26 +268,26 @@ class _StepOps:
     def __init__(self, device: torch.device):
         if _backend.use_compiled(device):
             lib = torch.ops.jit_unlearn
-            self.perturb = lib.perturb.default
-            self.ratio = lib.lipschitz_ratio.default
-            self.ratio_backward = lib._lipschitz_ratio_backward.default
+            self.perturb, self.ratio_and_grad = lib.perturb.default, lib._lipschitz_ratio_and_grad.default
+            self.tier = device.type  # what _backend.backend_name reports
         else:
-            self.perturb, self.ratio = reference.perturb, reference.lipschitz_ratio
-            self.ratio_backward = reference.lipschitz_ratio_backward
+            self.perturb, self.ratio_and_grad = reference.perturb, reference.lipschitz_ratio_and_grad
+            self.tier = "torch"
         self._seeds = {}
         self._found = torch.zeros(1, dtype=torch.float32, device=device)
         self._one = torch.ones(1, dtype=torch.float32, device=device)
 
-    def loss_seed(self, ratio: torch.Tensor, num_samples: int, mean_rows: int | None) -> torch.Tensor:
-        """d loss / d ratio [N, rows] (expanded) for loss = sum(ratio) / N (/ mean_rows), computed
-        as autograd propagates it through the two divisions: on the compiled tier the gradient is
-        bitwise that of `loss.backward()` through the differentiable op.  Cached per shape."""
-        key = (tuple(ratio.shape), mean_rows)
+    def loss_seed(self, in_norm: torch.Tensor, num_samples: int, mean_rows: int | None) -> torch.Tensor:
+        """d loss / d ratio [N, rows] (expanded, in the ratios' dtype: in_norm's) for loss =
+        sum(ratio) / N (/ mean_rows), computed as autograd propagates it through the two
+        divisions: on the compiled tier the gradient is bitwise that of `loss.backward()` through
+        the differentiable op.  Cached per shape."""
+        key = (tuple(in_norm.shape), mean_rows)
         if key not in self._seeds:
-            seed = torch.ones((), dtype=ratio.dtype, device=ratio.device)
+            seed = torch.ones((), dtype=in_norm.dtype, device=in_norm.device)
             if mean_rows is not None:
                 seed = seed / mean_rows
-            self._seeds[key] = (seed / num_samples).expand(ratio.shape)
+            self._seeds[key] = (seed / num_samples).expand(in_norm.shape)
         return self._seeds[key]
 
     def all_finite(self, tensors) -> bool:
@@ -321,10 +327,14 @@ def _all_finite(tensors, found: torch.Tensor | None = None, one: torch.Tensor | 
 _FUSED_CHECK_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
 
 
-def _check_finite_grads(params, step, all_finite=_all_finite):
-    if not all_finite([p.grad for p in params]):
-        raise FloatingPointError(f"jit: non-finite gradients in step {step + 1} (forget batch {step + 1}); "
-                                 "the model was restored.  A smaller lr or a larger sigma may help")
+def _check_finite_grads(params, step):
+    if not _all_finite([p.grad for p in params]):
+        raise _non_finite_grads(step)
+
+
+def _non_finite_grads(step: int) -> FloatingPointError:
+    return FloatingPointError(f"jit: non-finite gradients in step {step + 1} (forget batch {step + 1}); "
+                              "the model was restored.  A smaller lr or a larger sigma may help")
 
 
 @contextlib.contextmanager
