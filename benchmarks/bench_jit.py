@@ -26,7 +26,7 @@ def _digit3():
 # name: (model factory, forget-set factory, batch size, N, sigma, lr, rounds)
 CASES = {
     # every sample of digit 3 in scikit-learn digits (183), published N, batch 64 -> 3 steps
-    "digits_mlp": (lambda: MLP(64, (256, 256), 10), _digit3, 64, 25, 1.0, 1.7e-3, 10),
+    "digits_mlp": (lambda: MLP(64, (256, 256), 10), _digit3, 64, 25, 1.0, 1.7e-3, 40),
     # 64 random CIFAR-shaped samples, batch 32, N=4 -> 2 steps of 5 forwards + 1 backward each
     "cifar_resnet18": (lambda: ResNet18(10),
                        lambda: torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
