@@ -456,3 +456,24 @@ def test_non_finite_gradients_raise_and_restore():
         jit(model, torch.full((8, 64), 0.5), sigma=0.5, lr=0.1, num_samples=2, mode="reference", progress=False)
     _assert_state_equal(model, saved)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_finite_check_finds_every_non_finite_and_changes_nothing(dtype, fused, monkeypatch):
+    from jit_unlearn.methods.jit import _all_finite
+
+    if not fused:  # the generic path, taken where torch's fused check has no kernel
+        def unsupported(*args):
+            raise NotImplementedError("no kernel")
+        monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", unsupported)
+    tensors = [torch.randn(5, 3).to(dtype), torch.randn(7).to(dtype), torch.tensor([-0.0], dtype=dtype), None]
+    before = [t.clone() for t in tensors if t is not None]
+    assert _all_finite(tensors)
+    assert all(torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
+               for a, b in zip([t for t in tensors if t is not None], before))
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        broken = [t.clone() for t in before]
+        broken[1][4] = bad
+        assert not _all_finite(broken)
+    assert _all_finite([None, torch.empty(0, dtype=dtype)])

@@ -314,11 +314,15 @@ def _all_finite(tensors, found: torch.Tensor | None = None, one: torch.Tensor | 
     device = tensors[0].device
     if all(t.device == device and t.dtype in _FUSED_CHECK_DTYPES for t in tensors):
         # One fused pass over every tensor: torch's foreach inf/NaN check (the AMP grad-scaler's),
-        # with the scale 1.0, which leaves every value bitwise as it was.
+        # with the scale 1.0, which leaves every value bitwise as it was.  A device or dtype that
+        # kernel does not cover (e.g. bfloat16 on some backends) takes the generic path below.
         found = torch.zeros(1, dtype=torch.float32, device=device) if found is None else found
         one = torch.ones(1, dtype=torch.float32, device=device) if one is None else one
-        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
-        return not bool(found.item())
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, one)
+            return not bool(found.item())
+        except (RuntimeError, NotImplementedError):
+            pass
     # max |t| is inf or NaN exactly when some element is (amax propagates NaN)
     maxima = [t.abs().amax().to(device, torch.float32) for t in tensors]
     return bool(torch.isfinite(torch.stack(maxima)).all())
