@@ -7,6 +7,10 @@ TORCH_LIBRARY(jit_unlearn, m) {
   // x_tilde [N, *x.shape] and in_norm [N, B] = ||x_i - x_tilde_ni||_2 over each flattened sample.
   // Noise is Philox4x32-10 + Box-Muller (csrc/common/rng_utils.h); clamp uses the whole-batch range.
   m.def("perturb(Tensor x, int num_samples, float sigma, int seed, int offset, bool clamp) -> (Tensor, Tensor)");
+  // The same into the caller's contiguous x_tilde [N, *x.shape] and in_norm [N, B] (a loop reuses them).
+  m.def(
+      "_perturb_out(Tensor x, int num_samples, float sigma, int seed, int offset, bool clamp, Tensor(a!) x_tilde, "
+      "Tensor(b!) in_norm) -> ()");
   // ratios [N, B] = ||out_b - out_perturbed_nb||_2 / in_norm_nb (0 where in_norm_nb == 0).
   m.def("lipschitz_ratio(Tensor out, Tensor out_perturbed, Tensor in_norm) -> Tensor");
   // Gradients w.r.t. out [B, K] and out_perturbed [N, B, K]; the second is empty ([0]) unless requested.

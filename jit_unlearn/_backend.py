@@ -20,7 +20,7 @@ except ImportError as exc:  # the package works without it, on the reference tie
     _LOAD_ERROR = str(exc)
 
 _VALID = ("auto", "compiled", "torch")
-OPS = ("perturb", "lipschitz_ratio", "_lipschitz_ratio_backward", "_lipschitz_ratio_and_grad",
+OPS = ("perturb", "_perturb_out", "lipschitz_ratio", "_lipschitz_ratio_backward", "_lipschitz_ratio_and_grad",
        "accumulate_importance_", "ssd_dampen_", "masked_reset_")
 _forced: str | None = None
 

@@ -14,6 +14,10 @@ if _backend.extension_loaded():
         in_norm = x.new_empty((num_samples, x.shape[0]), dtype=opmath_dtype(x.dtype))
         return x_tilde, in_norm
 
+    @torch.library.register_fake("jit_unlearn::_perturb_out")
+    def _perturb_out_fake(x, num_samples, sigma, seed, offset, clamp, x_tilde, in_norm):
+        return None
+
     @torch.library.register_fake("jit_unlearn::lipschitz_ratio")
     def _lipschitz_ratio_fake(out, out_perturbed, in_norm):
         return out.new_empty(tuple(out_perturbed.shape[:2]), dtype=opmath_dtype(out.dtype))

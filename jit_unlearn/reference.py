@@ -166,6 +166,14 @@ def perturb(x: torch.Tensor, num_samples: int, sigma: float, seed: int, offset: 
     return x_tilde, in_norm
 
 
+def perturb_out(x: torch.Tensor, num_samples: int, sigma: float, seed: int, offset: int, clamp: bool,
+                x_tilde: torch.Tensor, in_norm: torch.Tensor) -> None:
+    """`perturb` written into the caller's x_tilde [N, *x.shape] and in_norm [N, B]."""
+    got_x, got_norm = perturb(x, num_samples, sigma, seed, offset, clamp)
+    x_tilde.copy_(got_x)
+    in_norm.copy_(got_norm)
+
+
 def _lipschitz_parts(out, out_perturbed, in_norm):
     op = opmath_dtype(out.dtype)
     diff = out.to(op).unsqueeze(0) - out_perturbed.to(op)  # [N, B, K]

@@ -12,7 +12,7 @@ import jit_unlearn
 from jit_unlearn import _backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPS = ("perturb", "lipschitz_ratio", "_lipschitz_ratio_backward", "_lipschitz_ratio_and_grad",
+OPS = ("perturb", "_perturb_out", "lipschitz_ratio", "_lipschitz_ratio_backward", "_lipschitz_ratio_and_grad",
        "accumulate_importance_", "ssd_dampen_", "masked_reset_")
 
 

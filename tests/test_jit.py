@@ -477,3 +477,15 @@ def test_finite_check_finds_every_non_finite_and_changes_nothing(dtype, fused, m
         broken[1][4] = bad
         assert not _all_finite(broken)
     assert _all_finite([None, torch.empty(0, dtype=dtype)])
+
+
+@pytest.mark.parametrize("optimizer", [False, True])
+def test_default_mode_non_finite_update_raises_and_restores(optimizer):
+    # an lr so large that the first SGD step overflows float32: the parameters must come back bitwise
+    model = _mlp().eval()
+    saved = _state(model)
+    opt = torch.optim.SGD(model.parameters(), lr=3e38) if optimizer else None
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        jit(model, _forget((64,)), sigma=0.3, lr=3e38, num_samples=3, batch_size=16, optimizer=opt, progress=False)
+    _assert_state_equal(model, saved)
+    assert all(torch.isfinite(p).all() and p.grad is None for p in model.parameters())

@@ -348,6 +348,77 @@ def test_torch_compile_fullgraph_public_op():
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+# --- _perturb_out (the caller's buffers) ---------------------------------------------------------------
+
+def _out_buffers(x, n):
+    op = reference.opmath_dtype(x.dtype)
+    return torch.full((n, *x.shape), float("nan"), dtype=x.dtype), torch.full((n, x.shape[0]), float("nan"), dtype=op)
+
+
+@requires_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,n", [((9, 3, 5, 7), 4), ((6, 231), 7), ((5, 0), 3), ((0, 4), 2), ((3, 2), 0)])
+def test_perturb_out_equals_perturb(dtype, shape, n):
+    # stale buffer contents (NaN) must not leak into the result, including in_norm of empty samples
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 2).to(dtype)
+    for clamp in (True, False):
+        x_tilde, in_norm = _out_buffers(x, n)
+        assert torch.ops.jit_unlearn._perturb_out(x, n, 0.4, 5, 9, clamp, x_tilde, in_norm) is None
+        want = torch.ops.jit_unlearn.perturb(x, n, 0.4, 5, 9, clamp)
+        assert torch.equal(x_tilde, want[0]) and torch.equal(in_norm, want[1])
+        ref_x, ref_norm = _out_buffers(x, n)
+        reference.perturb_out(x, n, 0.4, 5, 9, clamp, ref_x, ref_norm)
+        assert torch.equal(ref_x, want[0])
+        torch.testing.assert_close(ref_norm, want[1], **norm_tolerance(dtype))
+
+
+@requires_compiled
+@pytest.mark.parametrize("bad,exc,name", [
+    ({"x_tilde": torch.empty(2, 4, 3)}, ValueError, "x_tilde"),
+    ({"x_tilde": torch.empty(3, 4, 3, dtype=torch.float64)}, TypeError, "x_tilde"),
+    ({"x_tilde": torch.empty(3, 3, 4).transpose(1, 2)}, ValueError, "contiguous"),
+    ({"in_norm": torch.empty(3, 5)}, ValueError, "in_norm"),
+    ({"in_norm": torch.empty(3, 4, dtype=torch.float64)}, TypeError, "in_norm"),
+])
+def test_perturb_out_errors_name_the_argument(bad, exc, name):
+    args = {"x_tilde": torch.empty(3, 4, 3), "in_norm": torch.empty(3, 4), **bad}
+    with pytest.raises(exc, match=name):
+        torch.ops.jit_unlearn._perturb_out(torch.randn(4, 3), 3, 0.5, 1, 0, True, args["x_tilde"], args["in_norm"])
+
+
+@requires_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perturb_out_opcheck(dtype):
+    x = torch.randn(4, 3, 5).to(dtype)
+    x_tilde, in_norm = _out_buffers(x, 3)
+    torch.library.opcheck(torch.ops.jit_unlearn._perturb_out.default, (x, 3, 0.5, 3, 1, True, x_tilde, in_norm))
+
+
+@requires_compiled
+def test_perturb_out_torch_compile_fullgraph():
+    def step(x, x_tilde, in_norm):
+        torch.ops.jit_unlearn._perturb_out(x, 3, 0.5, 7, 2, True, x_tilde, in_norm)
+        return x_tilde.sum(dim=0) * 2, in_norm + 1
+
+    x = torch.randn(4, 3, 5)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got, want = compiled(x, *_out_buffers(x, 3)), step(x, *_out_buffers(x, 3))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@requires_cuda
+@requires_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_perturb_out_cuda_matches_cpu(dtype):
+    x = torch.randn(6, 3, 9).to(dtype)
+    x_tilde, in_norm = (t.cuda() for t in _out_buffers(x, 4))
+    torch.ops.jit_unlearn._perturb_out(x.cuda(), 4, 0.5, 3, 1, True, x_tilde, in_norm)
+    want = torch.ops.jit_unlearn.perturb(x, 4, 0.5, 3, 1, True)
+    assert torch.equal(x_tilde.cpu(), want[0])
+    torch.testing.assert_close(in_norm.cpu(), want[1], **norm_tolerance(dtype))
+
+
 # --- CUDA --------------------------------------------------------------------------------------------
 
 @requires_cuda

@@ -241,18 +241,17 @@ auto pick_perturb_rows() {
   return rows;
 }
 
-std::tuple<at::Tensor, at::Tensor> perturb_cpu(const at::Tensor& x_in, int64_t num_samples, double sigma,
-                                               int64_t seed, int64_t offset, bool clamp) {
-  check_perturb_args(x_in, num_samples, sigma);
-  TORCH_CHECK_VALUE(x_in.device().is_cpu(), "perturb: x: expected a CPU tensor, got device ", x_in.device());
+// Fills x_tilde and in_norm (contiguous, checked) from x.
+void perturb_into_cpu(const at::Tensor& x_in, int64_t num_samples, double sigma, int64_t seed, int64_t offset,
+                      bool clamp, at::Tensor& x_tilde, at::Tensor& in_norm) {
   const at::Tensor x = x_in.contiguous();
   const int64_t batch = x.size(0);
   const int64_t rows = num_samples * batch;
   const int64_t row_numel = batch > 0 ? x.numel() / batch : 0;
-  // Samples with no elements have in_norm 0 and no noise to draw.
-  auto [x_tilde, in_norm] = perturb_outputs(x, num_samples, /*zero_norm=*/row_numel == 0);
-  if (rows == 0 || row_numel == 0) {
-    return {x_tilde, in_norm};
+  if (rows == 0) return;
+  if (row_numel == 0) {  // samples with no elements: in_norm 0, no noise to draw
+    in_norm.zero_();
+    return;
   }
   const bool do_clamp = clamp && x.numel() > 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "perturb_cpu", [&] {
@@ -273,13 +272,30 @@ std::tuple<at::Tensor, at::Tensor> perturb_cpu(const at::Tensor& x_in, int64_t n
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(row_numel, 1));
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { rows_fn(args, begin, end); });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor> perturb_cpu(const at::Tensor& x, int64_t num_samples, double sigma,
+                                               int64_t seed, int64_t offset, bool clamp) {
+  check_perturb_args(x, num_samples, sigma);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "perturb: x: expected a CPU tensor, got device ", x.device());
+  auto [x_tilde, in_norm] = perturb_outputs(x, num_samples, /*zero_norm=*/false);
+  perturb_into_cpu(x, num_samples, sigma, seed, offset, clamp, x_tilde, in_norm);
   return {x_tilde, in_norm};
+}
+
+void perturb_out_cpu(const at::Tensor& x, int64_t num_samples, double sigma, int64_t seed, int64_t offset,
+                     bool clamp, at::Tensor x_tilde, at::Tensor in_norm) {
+  check_perturb_args(x, num_samples, sigma);
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "_perturb_out: x: expected a CPU tensor, got device ", x.device());
+  check_perturb_out(x, num_samples, x_tilde, in_norm);
+  perturb_into_cpu(x, num_samples, sigma, seed, offset, clamp, x_tilde, in_norm);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(jit_unlearn, CPU, m) {
   m.impl("perturb", &perturb_cpu);
+  m.impl("_perturb_out", &perturb_out_cpu);
 }
 
 }  // namespace jit_unlearn

@@ -100,19 +100,17 @@ __global__ void perturb_kernel(const scalar_t* __restrict__ x, scalar_t* __restr
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> perturb_cuda(const at::Tensor& x_in, int64_t num_samples, double sigma,
-                                                int64_t seed, int64_t offset, bool clamp) {
-  check_perturb_args(x_in, num_samples, sigma);
-  TORCH_CHECK_VALUE(x_in.is_cuda(), "perturb: x: expected a CUDA tensor, got device ", x_in.device());
-  const c10::cuda::CUDAGuard device_guard(x_in.device());
+// Fills x_tilde and in_norm (contiguous, checked) from x; in_norm first holds the squared sums
+// (atomicAdd targets, zeroed here), then their square roots.
+void perturb_into_cuda(const at::Tensor& x_in, int64_t num_samples, double sigma, int64_t seed, int64_t offset,
+                       bool clamp, at::Tensor& x_tilde, at::Tensor& in_norm) {
   const at::Tensor x = x_in.contiguous();
-  // in_norm first holds the squared sums (atomicAdd targets), then their square roots.
-  auto [x_tilde, in_norm] = perturb_outputs(x, num_samples, /*zero_norm=*/true);
+  in_norm.zero_();
   const int64_t batch = x.size(0);
   const int64_t x_numel = x.numel();
   const int64_t total = num_samples * x_numel;
   if (total == 0) {
-    return {x_tilde, in_norm};
+    return;
   }
   const int64_t row_numel = x_numel / batch;
   const int64_t groups = (total + 3) / 4;
@@ -144,13 +142,32 @@ std::tuple<at::Tensor, at::Tensor> perturb_cuda(const at::Tensor& x_in, int64_t 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   in_norm.sqrt_();
+}
+
+std::tuple<at::Tensor, at::Tensor> perturb_cuda(const at::Tensor& x, int64_t num_samples, double sigma,
+                                                int64_t seed, int64_t offset, bool clamp) {
+  check_perturb_args(x, num_samples, sigma);
+  TORCH_CHECK_VALUE(x.is_cuda(), "perturb: x: expected a CUDA tensor, got device ", x.device());
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  auto [x_tilde, in_norm] = perturb_outputs(x, num_samples, /*zero_norm=*/false);
+  perturb_into_cuda(x, num_samples, sigma, seed, offset, clamp, x_tilde, in_norm);
   return {x_tilde, in_norm};
+}
+
+void perturb_out_cuda(const at::Tensor& x, int64_t num_samples, double sigma, int64_t seed, int64_t offset,
+                      bool clamp, at::Tensor x_tilde, at::Tensor in_norm) {
+  check_perturb_args(x, num_samples, sigma);
+  TORCH_CHECK_VALUE(x.is_cuda(), "_perturb_out: x: expected a CUDA tensor, got device ", x.device());
+  check_perturb_out(x, num_samples, x_tilde, in_norm);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  perturb_into_cuda(x, num_samples, sigma, seed, offset, clamp, x_tilde, in_norm);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(jit_unlearn, CUDA, m) {
   m.impl("perturb", &perturb_cuda);
+  m.impl("_perturb_out", &perturb_out_cuda);
 }
 
 }  // namespace jit_unlearn

@@ -107,7 +107,11 @@ def jit(model: nn.Module, forget, *, sigma: float, lr: float, num_samples: int =
 
     Safety: the arguments, the first batch and the first output shape are checked before any
     step; if anything fails (KeyboardInterrupt included) parameters and buffers are restored
-    bitwise; a step whose gradients are not finite raises FloatingPointError (restoring the model).
+    bitwise.  Non-finite values raise FloatingPointError and the model is restored: reference
+    mode and a caller's optimizer check every step's gradients (and the optimizer's result); the
+    default mode's plain SGD checks the parameters once after the last step (an inf or NaN that
+    reaches a parameter stays there, p - lr * g cannot make it finite again), so the steps run
+    without a host sync.
 
     Hyper-parameters (published, as starting points; N = 25 throughout, forget batch 128 for
     full-class and random, 64 for sub-class): VGG-class nets sigma=0.5, lr=3e-4 (full-class),
@@ -216,7 +220,7 @@ def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, opt
             for p in params:
                 p.grad = None
             with torch.inference_mode():
-                x_tilde, in_norm = step_ops.perturb(x, num_samples, sigma, seed, split.noise_offset(steps), True)
+                x_tilde, in_norm = step_ops.perturb(x, num_samples, sigma, seed, split.noise_offset(steps))
             x, x_tilde, in_norm = split.local(x, x_tilde, in_norm)  # this rank's rows
             rows, global_rows = x.shape[0], split.global_rows(b)
             mean_rows = global_rows if reduction == "mean" else None  # loss = sum(ratios) / N (/ B)
@@ -234,10 +238,8 @@ def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, opt
                 loss_scales.append(num_samples * (mean_rows or 1))
             # else: this rank's share of a small batch is empty; it adds zero gradients
             split.reduce_grads_(params)  # sum over ranks = the gradient of the global batch
-            if optimizer is None:
+            if optimizer is None:  # plain SGD; the parameters are checked after the last step
                 grads = [p.grad for p in params]
-                if not step_ops.all_finite(grads):
-                    raise _non_finite_grads(steps)
                 with torch.no_grad():
                     if all(g is not None for g in grads):
                         torch._foreach_add_(params, grads, alpha=-lr)
@@ -255,6 +257,11 @@ def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, opt
     for p in params:
         p.grad = None
     sums = torch.stack(ratio_sums).tolist() if ratio_sums else []
+    if optimizer is None and not step_ops.all_finite(params):
+        bad = next((t for t, v in enumerate(sums) if not math.isfinite(v)), None)
+        where = f"from step {bad + 1} (its loss was {sums[bad]})" if bad is not None else "in the last step"
+        raise FloatingPointError(f"jit: the SGD steps wrote non-finite values into the parameters {where}; "
+                                 "the model was restored.  A smaller lr or a larger sigma may help")
     loss_sum = sum(v / scale for v, scale in zip(sums, loss_scales))
     samples, loss_total = split.totals(samples, loss_sum)
     return steps, samples, loss_total
@@ -268,14 +275,32 @@ class _StepOps:
     def __init__(self, device: torch.device):
         if _backend.use_compiled(device):
             lib = torch.ops.jit_unlearn
-            self.perturb, self.ratio_and_grad = lib.perturb.default, lib._lipschitz_ratio_and_grad.default
+            self._perturb_out, self.ratio_and_grad = lib._perturb_out.default, lib._lipschitz_ratio_and_grad.default
             self.tier = device.type  # what _backend.backend_name reports
         else:
-            self.perturb, self.ratio_and_grad = reference.perturb, reference.lipschitz_ratio_and_grad
+            self._perturb_out, self.ratio_and_grad = reference.perturb_out, reference.lipschitz_ratio_and_grad
             self.tier = "torch"
+        self._x_tilde = self._in_norm = None
         self._seeds = {}
         self._found = torch.zeros(1, dtype=torch.float32, device=device)
         self._one = torch.ones(1, dtype=torch.float32, device=device)
+
+    def perturb(self, x: torch.Tensor, num_samples: int, sigma: float, seed: int, offset: int):
+        """`ops.perturb(x, num_samples, sigma, seed, offset, clamp=True)` written into buffers kept
+        for the whole run (one allocation instead of one per step; a step's x_tilde is consumed by
+        its own forward before the next step overwrites it).  Returns contiguous views."""
+        shape = (num_samples, *x.shape)
+        numel, rows = math.prod(shape), num_samples * x.shape[0]
+        buf = self._x_tilde
+        if buf is None or buf.numel() < numel or buf.dtype != x.dtype:
+            self._x_tilde = buf = x.new_empty(numel)
+            self._in_norm = x.new_empty(rows, dtype=reference.opmath_dtype(x.dtype))
+        if self._in_norm.numel() < rows:
+            self._in_norm = x.new_empty(rows, dtype=reference.opmath_dtype(x.dtype))
+        x_tilde = buf[:numel].view(shape)
+        in_norm = self._in_norm[:rows].view(num_samples, x.shape[0])
+        self._perturb_out(x, num_samples, sigma, seed, offset, True, x_tilde, in_norm)
+        return x_tilde, in_norm
 
     def loss_seed(self, in_norm: torch.Tensor, num_samples: int, mean_rows: int | None) -> torch.Tensor:
         """d loss / d ratio [N, rows] (expanded, in the ratios' dtype: in_norm's) for loss =
