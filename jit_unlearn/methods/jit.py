@@ -259,8 +259,8 @@ def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, opt
     sums = torch.stack(ratio_sums).tolist() if ratio_sums else []
     if optimizer is None and not step_ops.all_finite(params):
         bad = next((t for t, v in enumerate(sums) if not math.isfinite(v)), None)
-        where = f"from step {bad + 1} (its loss was {sums[bad]})" if bad is not None else "in the last step"
-        raise FloatingPointError(f"jit: the SGD steps wrote non-finite values into the parameters {where}; "
+        where = f" (the first non-finite loss: {sums[bad]} in step {bad + 1})" if bad is not None else ""
+        raise FloatingPointError(f"jit: the SGD steps wrote non-finite values into the parameters{where}; "
                                  "the model was restored.  A smaller lr or a larger sigma may help")
     loss_sum = sum(v / scale for v, scale in zip(sums, loss_scales))
     samples, loss_total = split.totals(samples, loss_sum)
