@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -105,6 +106,161 @@ JIT_UNLEARN_TARGET_AVX512 void philox_words_avx512(uint64_t first, int64_t count
     }
   }
 }
+
+// The Box-Muller transform of common/rng_utils.h (neg2log_uniform, sincos_2pi_uniform) on 16 words
+// per vector, operation for operation: every multiply, add, division and square root is its own
+// correctly rounded instruction (no FMA, as -ffp-contract=off gives the scalar code), conversions
+// are exact, and the selects are mask blends, so each lane is bitwise the scalar result.
+JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE __m512 mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
+JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE __m512 add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
+JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE __m512 splat(float v) { return _mm512_set1_ps(v); }
+
+// (2 (r >> 9) + 1) as a float: exact, below 2^24.
+JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE __m512 odd_uniform_bits(__m512i m) {
+  return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(m, 1), _mm512_set1_epi32(1)));
+}
+
+JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE __m512 neg2log_uniform16(__m512i r) {
+  const __m512 u = mul(odd_uniform_bits(_mm512_srli_epi32(r, 9)), splat(kTwoPowMinus24));
+  const __m512i bits = _mm512_castps_si512(u);
+  const __m512i e = _mm512_sub_epi32(_mm512_and_si512(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(0xFF)),
+                                     _mm512_set1_epi32(127));
+  const __m512i mantissa = _mm512_and_si512(bits, _mm512_set1_epi32(0x7FFFFF));
+  const __mmask16 big = _mm512_cmpgt_epu32_mask(mantissa, _mm512_set1_epi32(0x3504F3));
+  const __m512i exponent = _mm512_mask_blend_epi32(big, _mm512_set1_epi32(0x3F800000), _mm512_set1_epi32(0x3F000000));
+  const __m512 m = _mm512_castsi512_ps(_mm512_or_si512(mantissa, exponent));
+  const __m512 ef = _mm512_cvtepi32_ps(_mm512_mask_add_epi32(e, big, e, _mm512_set1_epi32(1)));
+  const __m512 s = _mm512_div_ps(_mm512_sub_ps(m, splat(1.0f)), add(m, splat(1.0f)));
+  const __m512 s2 = mul(s, s);
+  __m512 p = splat(kLogC4);
+  p = add(mul(p, s2), splat(kLogC3));
+  p = add(mul(p, s2), splat(kLogC2));
+  p = add(mul(p, s2), splat(kLogC1));
+  p = add(mul(p, s2), splat(kLogC0));
+  const __m512 two_s = mul(s, splat(2.0f));
+  const __m512 log_m = add(two_s, mul(mul(two_s, s2), p));
+  const __m512 log_u = add(mul(ef, splat(kLn2Hi)), add(mul(ef, splat(kLn2Lo)), log_m));
+  return mul(log_u, splat(-2.0f));
+}
+
+JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE void sincos_2pi_uniform16(__m512i r, __m512& cos_out, __m512& sin_out) {
+  const __m512i m = _mm512_srli_epi32(r, 9);
+  const __m512i quadrant = _mm512_srli_epi32(m, 21);
+  const __m512 f = mul(odd_uniform_bits(_mm512_and_si512(m, _mm512_set1_epi32(0x1FFFFF))), splat(kTwoPowMinus22));
+  const __m512 t = mul(_mm512_sub_ps(f, splat(0.5f)), splat(kHalfPi));
+  const __m512 t2 = mul(t, t);
+  __m512 ps = splat(kSinC4);
+  ps = add(mul(ps, t2), splat(kSinC3));
+  ps = add(mul(ps, t2), splat(kSinC2));
+  ps = add(mul(ps, t2), splat(kSinC1));
+  ps = add(mul(ps, t2), splat(kSinC0));
+  const __m512 sin_t = add(t, mul(mul(t, t2), ps));
+  __m512 pc = splat(kCosC5);
+  pc = add(mul(pc, t2), splat(kCosC4));
+  pc = add(mul(pc, t2), splat(kCosC3));
+  pc = add(mul(pc, t2), splat(kCosC2));
+  pc = add(mul(pc, t2), splat(kCosC1));
+  pc = add(mul(pc, t2), splat(kCosC0));
+  const __m512 cos_t = add(splat(1.0f), mul(t2, pc));
+  const __m512 cos_a = mul(_mm512_sub_ps(cos_t, sin_t), splat(kInvSqrt2));
+  const __m512 sin_a = mul(add(cos_t, sin_t), splat(kInvSqrt2));
+  // Quadrants 1 and 3 swap cos and sin; the sign flips of the scalar selects are exact negations.
+  const __mmask16 odd = _mm512_test_epi32_mask(quadrant, _mm512_set1_epi32(1));
+  const __mmask16 q1 = _mm512_cmpeq_epi32_mask(quadrant, _mm512_set1_epi32(1));
+  const __mmask16 q2 = _mm512_cmpeq_epi32_mask(quadrant, _mm512_set1_epi32(2));
+  const __mmask16 q3 = _mm512_cmpeq_epi32_mask(quadrant, _mm512_set1_epi32(3));
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  const __m512i c = _mm512_castps_si512(_mm512_mask_blend_ps(odd, cos_a, sin_a));
+  const __m512i s = _mm512_castps_si512(_mm512_mask_blend_ps(odd, sin_a, cos_a));
+  cos_out = _mm512_castsi512_ps(_mm512_mask_xor_epi32(c, q1 | q2, c, sign));
+  sin_out = _mm512_castsi512_ps(_mm512_mask_xor_epi32(s, q2 | q3, s, sign));
+}
+
+// philox_normals' transform of groups [0, count) of the word planes w into z, 16 groups at a time
+// (count rounded up: w and z hold whole vectors).  Lane i of the four results is z[4 i .. 4 i + 3];
+// the unpacks and 128-bit shuffles interleave them.
+JIT_UNLEARN_TARGET_AVX512 void box_muller_avx512(const uint32_t* __restrict__ w, int64_t count, float* __restrict__ z) {
+  for (int64_t i = 0; i < count; i += 16) {
+    const __m512 rad01 = _mm512_sqrt_ps(neg2log_uniform16(_mm512_load_si512(w + i)));
+    const __m512 rad23 = _mm512_sqrt_ps(neg2log_uniform16(_mm512_load_si512(w + 2 * kGroupsPerChunk + i)));
+    __m512 c01, s01, c23, s23;
+    sincos_2pi_uniform16(_mm512_load_si512(w + kGroupsPerChunk + i), c01, s01);
+    sincos_2pi_uniform16(_mm512_load_si512(w + 3 * kGroupsPerChunk + i), c23, s23);
+    const __m512 a = mul(rad01, c01), b = mul(rad01, s01), c = mul(rad23, c23), d = mul(rad23, s23);
+    // Per 128-bit lane j: ab_lo = a4j b4j a4j+1 b4j+1, ab_hi = a4j+2 b4j+2 a4j+3 b4j+3 (and c, d).
+    const __m512 ab_lo = _mm512_unpacklo_ps(a, b), ab_hi = _mm512_unpackhi_ps(a, b);
+    const __m512 cd_lo = _mm512_unpacklo_ps(c, d), cd_hi = _mm512_unpackhi_ps(c, d);
+    // g_k holds group 4 j + k of lane j as (a, b, c, d).
+    const __m512 g0 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab_lo), _mm512_castps_pd(cd_lo)));
+    const __m512 g1 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab_lo), _mm512_castps_pd(cd_lo)));
+    const __m512 g2 = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab_hi), _mm512_castps_pd(cd_hi)));
+    const __m512 g3 = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab_hi), _mm512_castps_pd(cd_hi)));
+    // A 4x4 transpose of 128-bit lanes puts groups 4 q .. 4 q + 3 into output vector q.
+    const __m512 t0 = _mm512_shuffle_f32x4(g0, g1, 0x44), t1 = _mm512_shuffle_f32x4(g0, g1, 0xEE);
+    const __m512 t2 = _mm512_shuffle_f32x4(g2, g3, 0x44), t3 = _mm512_shuffle_f32x4(g2, g3, 0xEE);
+    float* out = z + 4 * i;
+    _mm512_store_ps(out, _mm512_shuffle_f32x4(t0, t2, 0x88));
+    _mm512_store_ps(out + 16, _mm512_shuffle_f32x4(t0, t2, 0xDD));
+    _mm512_store_ps(out + 32, _mm512_shuffle_f32x4(t1, t3, 0x88));
+    _mm512_store_ps(out + 48, _mm512_shuffle_f32x4(t1, t3, 0xDD));
+  }
+}
+
+// perturb_element's x + sigma z and perturb_clamp on 16 floats: (v > lo || v != v) ? v : lo, then
+// (v < hi || v != v) ? v : hi.
+template <bool kClamp>
+JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE __m512 perturb16(__m512 x, __m512 z, __m512 sigma, __m512 lo, __m512 hi) {
+  __m512 v = add(x, mul(sigma, z));
+  if constexpr (kClamp) {
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, lo, _CMP_GT_OQ) | nan, lo, v);
+    v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, hi, _CMP_LT_OQ) | nan, hi, v);
+  }
+  return v;
+}
+
+// perturb_span for float x on 16 elements per vector: lanes of 16 are added to the 8 partial sums
+// as two halves in order, so the sum is the scalar loop's.
+template <bool kClamp>
+JIT_UNLEARN_TARGET_AVX512 float perturb_span_avx512(const float* __restrict__ x,
+                                                                    const float* __restrict__ z, int64_t len,
+                                                                    float sigma, float lo, float hi,
+                                                                    float* __restrict__ out) {
+  static_assert(kLanes == 8, "two 8-lane halves per vector");
+  __m256 partial = _mm256_setzero_ps();
+  const __m512 vsigma = splat(sigma), vlo = splat(lo), vhi = splat(hi);
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    const __m512 xv = _mm512_loadu_ps(x + i);
+    const __m512 v = perturb16<kClamp>(xv, _mm512_loadu_ps(z + i), vsigma, vlo, vhi);
+    _mm512_storeu_ps(out + i, v);
+    const __m512 d = _mm512_sub_ps(v, xv);
+    const __m512 sq = mul(d, d);
+    partial = _mm256_add_ps(partial, _mm512_castps512_ps256(sq));
+    partial = _mm256_add_ps(partial, _mm512_extractf32x8_ps(sq, 1));
+  }
+  if (i + 8 <= len) {
+    const __mmask16 low = 0xFF;
+    const __m512 xv = _mm512_maskz_loadu_ps(low, x + i);
+    const __m512 v = perturb16<kClamp>(xv, _mm512_maskz_loadu_ps(low, z + i), vsigma, vlo, vhi);
+    _mm512_mask_storeu_ps(out + i, low, v);
+    const __m512 d = _mm512_sub_ps(v, xv);
+    partial = _mm256_add_ps(partial, _mm512_castps512_ps256(mul(d, d)));
+    i += 8;
+  }
+  alignas(32) float lanes[kLanes];
+  _mm256_store_ps(lanes, partial);
+  for (; i < len; ++i) {
+    const auto e = perturb_element<kClamp>(x[i], z[i], sigma, lo, hi);
+    out[i] = e.value;
+    lanes[0] += e.sq_diff;
+  }
+  float total = 0;
+  for (int64_t k = 0; k < kLanes; ++k) {
+    total += lanes[k];
+  }
+  return total;
+}
 #endif
 
 // The normals of Philox groups [first, first + count) into z[0 .. 4 count), count <= kGroupsPerChunk:
@@ -116,6 +272,8 @@ C10_ALWAYS_INLINE void philox_normals(uint64_t first, int64_t count, uint64_t se
 #ifdef JIT_UNLEARN_X86_ISA
   if constexpr (kIsa == CpuIsa::kAvx512) {
     philox_words_avx512(first, count, seed, offset, w);
+    box_muller_avx512(w, count, z);
+    return;
   } else {
     philox_words_portable(first, count, seed, offset, w);
   }
@@ -194,8 +352,17 @@ C10_ALWAYS_INLINE void perturb_rows(const PerturbArgs<scalar_t, opmath_t>& a, in
     while (j < stop) {
       const uint64_t len = std::min<uint64_t>(stop - j, numel - col);
       const int64_t at = static_cast<int64_t>(col);
-      sq_sum += perturb_span<kClamp>(a.x + (row % a.batch) * a.row_numel + at, z + (j - 4 * group),
-                                     static_cast<int64_t>(len), a.sigma, a.lo, a.hi, a.out + row * a.row_numel + at);
+      const scalar_t* x = a.x + (row % a.batch) * a.row_numel + at;
+      scalar_t* out = a.out + row * a.row_numel + at;
+#ifdef JIT_UNLEARN_X86_ISA
+      if constexpr (kIsa == CpuIsa::kAvx512 && std::is_same_v<scalar_t, float>) {
+        sq_sum += perturb_span_avx512<kClamp>(x, z + (j - 4 * group), static_cast<int64_t>(len), a.sigma, a.lo, a.hi, out);
+      } else {
+        sq_sum += perturb_span<kClamp>(x, z + (j - 4 * group), static_cast<int64_t>(len), a.sigma, a.lo, a.hi, out);
+      }
+#else
+      sq_sum += perturb_span<kClamp>(x, z + (j - 4 * group), static_cast<int64_t>(len), a.sigma, a.lo, a.hi, out);
+#endif
       j += len;
       col += len;
       if (col == numel) {
