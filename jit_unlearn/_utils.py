@@ -143,48 +143,70 @@ def check_logits(out, batch_size: int, *, name: str = "model") -> torch.Tensor:
     return out
 
 
-def _snapshot(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(tensor, copy) for every parameter and buffer (persistent or not), each tensor once."""
-    seen: set[int] = set()
-    saved = []
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            saved.append((t, t.detach().clone()))
-    return saved
+class ModelState:
+    """A model's modules, parameters and buffers (each once, in the order of `modules()`,
+    `parameters()` and `buffers()`), gathered in one traversal of the module tree."""
+
+    __slots__ = ("modules", "params", "buffers")
+
+    def __init__(self, model: torch.nn.Module):
+        self.modules = list(model.modules())
+        seen: set[int] = set()
+        self.params, self.buffers = [], []
+        for attr, out in (("_parameters", self.params), ("_buffers", self.buffers)):
+            for m in self.modules:
+                for t in getattr(m, attr).values():
+                    if t is not None and id(t) not in seen:
+                        seen.add(id(t))
+                        out.append(t)
+
+    def device(self) -> torch.device:
+        """The device of the first parameter (else buffer); CPU for a stateless model."""
+        for t in itertools.chain(self.params, self.buffers):
+            return t.device
+        return torch.device("cpu")
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first floating-point parameter; float32 if there is none."""
+        return next((p.dtype for p in self.params if p.is_floating_point()), torch.float32)
 
 
 @contextlib.contextmanager
-def restore_on_failure(model: torch.nn.Module) -> Iterator[None]:
+def restore_on_failure(model: torch.nn.Module, state: ModelState | None = None) -> Iterator[None]:
     """Snapshot parameters and buffers; if the body raises anything (KeyboardInterrupt included),
-    put every value back bitwise and re-raise.  Costs one copy of the model's state."""
-    saved = _snapshot(model)
-    training = {m: m.training for m in model.modules()}
+    put every value back bitwise, and each module's train/eval flag, and re-raise.  Costs one copy
+    of the model's state.  `state`: the model's ModelState, when the caller has one already."""
+    state = ModelState(model) if state is None else state
+    saved = [(t, t.detach().clone()) for t in itertools.chain(state.params, state.buffers)]
+    training = [m.training for m in state.modules]
     try:
         yield
     except BaseException:
         with torch.no_grad():
             for t, copy in saved:
                 t.copy_(copy)
-        for p in model.parameters():
+        for p in state.params:
             p.grad = None
-        for m, flag in training.items():
+        for m, flag in zip(state.modules, training):
             m.training = flag
         raise
 
 
 @contextlib.contextmanager
-def module_mode(model: torch.nn.Module, training: bool | None) -> Iterator[None]:
+def module_mode(model: torch.nn.Module, training: bool | None, modules: list | None = None) -> Iterator[None]:
     """Run the body with every module in train (True) or eval (False) mode, then restore each
-    module's own flag.  None leaves the modes untouched."""
-    saved = {m: m.training for m in model.modules()}
-    if training is not None and any(flag != training for flag in saved.values()):
+    module's own flag.  None leaves the modes untouched.  `modules`: list(model.modules()), when
+    the caller has it already.  Only flags that differ are written back."""
+    modules = list(model.modules()) if modules is None else modules
+    saved = [m.training for m in modules]
+    if training is not None and any(flag != training for flag in saved):
         model.train(training)
     try:
         yield
     finally:
-        for m, flag in saved.items():
-            m.training = flag
+        for m, flag in zip(modules, saved):
+            if m.training != flag:
+                m.training = flag
 
 
 def params_finite(tensors: Iterable[torch.Tensor]) -> bool:

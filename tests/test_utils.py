@@ -1,9 +1,10 @@
-"""Shared helpers: reading batches (the sliced fast path of plain tensor DataLoaders, row splits)."""
+"""Shared helpers: reading batches (the sliced fast path of plain tensor DataLoaders, row splits), the
+one-traversal model state, temporary train/eval modes and restoring a model on failure."""
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from jit_unlearn._utils import _plain_tensor_loader, iter_batches, split_rows
+from jit_unlearn._utils import ModelState, _plain_tensor_loader, iter_batches, module_mode, restore_on_failure, split_rows
 
 
 def _same_batches(got, want):
@@ -67,3 +68,74 @@ def test_split_rows_checks_and_splits():
         split_rows(x, 0)
     with pytest.raises(ValueError, match="empty"):
         split_rows(TensorDataset(torch.empty(0, 2)), 2)
+
+
+class _Tied(torch.nn.Module):
+    """Shared submodule, tied weight, a None parameter slot, a None buffer and a non-persistent one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(3, 4)
+        self.bn = torch.nn.BatchNorm1d(4)
+        self.shared = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+        self.again = self.shared  # the same module twice
+        self.head = torch.nn.Linear(4, 4, bias=False)
+        self.head.weight = self.shared[0].weight  # tied
+        self.register_parameter("unset", None)
+        self.register_buffer("nothing", None)
+        self.register_buffer("scratch", torch.arange(3.0), persistent=False)
+
+    def forward(self, x):
+        return self.head(self.shared(self.bn(self.a(x))))
+
+
+def test_model_state_matches_module_traversals():
+    model = _Tied().double()
+    state = ModelState(model)
+    assert [id(m) for m in state.modules] == [id(m) for m in model.modules()]
+    assert [id(p) for p in state.params] == [id(p) for p in model.parameters()]
+    assert [id(b) for b in state.buffers] == [id(b) for b in model.buffers()]
+    assert state.device() == torch.device("cpu") and state.dtype() == torch.float64
+    empty = ModelState(torch.nn.ReLU())
+    assert empty.params == [] and empty.device() == torch.device("cpu") and empty.dtype() == torch.float32
+
+
+def test_module_mode_sets_and_restores_each_flag():
+    model = _Tied()
+    model.train()
+    model.bn.eval()  # mixed modes must come back as they were
+    before = [m.training for m in model.modules()]
+    with module_mode(model, False):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == before
+    with pytest.raises(RuntimeError, match="boom"), module_mode(model, True):
+        assert all(m.training for m in model.modules())
+        raise RuntimeError("boom")
+    assert [m.training for m in model.modules()] == before
+    model.eval()
+    with module_mode(model, False):
+        model.a.train()  # the body switching a module is undone as well
+    assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+@pytest.mark.parametrize("pass_state", [False, True])
+def test_restore_on_failure_puts_back_values_and_flags(error, pass_state):
+    torch.manual_seed(0)
+    model = _Tied()
+    model.train()
+    model(torch.randn(5, 3)).sum().backward()
+    saved = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    scratch = model.scratch.clone()
+    flags = [m.training for m in model.modules()]
+    with pytest.raises(error), restore_on_failure(model, ModelState(model) if pass_state else None):
+        with torch.no_grad():
+            for t in list(model.parameters()) + [model.bn.running_mean, model.scratch]:
+                t.add_(1.0)
+        model.eval()
+        raise error()
+    for k, v in model.state_dict(keep_vars=True).items():
+        assert torch.equal(v, saved[k]), k
+    assert torch.equal(model.scratch, scratch)  # non-persistent buffers too
+    assert all(p.grad is None for p in model.parameters())
+    assert [m.training for m in model.modules()] == flags

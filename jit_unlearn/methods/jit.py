@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from .. import _backend, distributed, reference
-from .._utils import (as_batches, batch_input, check_logits, model_device, model_dtype, module_mode,
-                      restore_on_failure, split_rows)
+from .._utils import (ModelState, as_batches, batch_input, check_logits, module_mode, restore_on_failure,
+                      split_rows)
 from .._utils import progress as _progress
 
 __all__ = ["jit", "JiTReport"]
@@ -129,10 +129,11 @@ def jit(model: nn.Module, forget, *, sigma: float, lr: float, num_samples: int =
     """
     start = time.perf_counter()
     _check_args(model, sigma, lr, num_samples, mode, seed, reduction, optimizer, max_batch_elems, progress)
-    params = [p for p in model.parameters() if p.requires_grad]
+    state = ModelState(model)
+    params = [p for p in state.params if p.requires_grad]
     if not params:
         raise ValueError("model: has no trainable parameters (requires_grad=True)")
-    device, dtype = model_device(model), model_dtype(model)
+    device, dtype = state.device(), state.dtype()
     if mode == "default" and (isinstance(forget, torch.Tensor) or type(forget) is TensorDataset):
         # The batches a DataLoader would collate, sliced and copied (a model may work in place on its
         # input) instead of gathered sample by sample.  Reference mode keeps the DataLoader:
@@ -159,7 +160,7 @@ def jit(model: nn.Module, forget, *, sigma: float, lr: float, num_samples: int =
     stream = _progress(itertools.chain([first], it), enabled=progress, desc="jit", total=total)
     xs = (_batch_x(batch, device, dtype) for batch in stream)
 
-    with torch.enable_grad(), restore_on_failure(model), _restore_optimizer_on_failure(optimizer):
+    with torch.enable_grad(), restore_on_failure(model, state), _restore_optimizer_on_failure(optimizer):
         if mode == "reference":
             steps, samples, loss_sum = _run_reference(model, xs, params, float(sigma), float(lr),
                                                       num_samples, reduction)
@@ -167,8 +168,8 @@ def jit(model: nn.Module, forget, *, sigma: float, lr: float, num_samples: int =
         else:
             budget = default_max_batch_elems(device) if max_batch_elems is None else max_batch_elems
             step_ops = _StepOps(device)
-            steps, samples, loss_sum = _run_default(model, xs, params, float(sigma), float(lr), num_samples,
-                                                    seed, reduction, optimizer, budget, split, step_ops)
+            steps, samples, loss_sum = _run_default(model, state.modules, xs, params, float(sigma), float(lr),
+                                                    num_samples, seed, reduction, optimizer, budget, split, step_ops)
             backend = step_ops.tier
     return JiTReport(steps=steps, samples=samples, seconds=time.perf_counter() - start,
                      mean_loss=float(loss_sum) / steps, backend=backend, mode=mode)
@@ -205,7 +206,8 @@ def _run_reference(model, xs, params, sigma, lr, num_samples, reduction):
     return steps, samples, loss_sum
 
 
-def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, optimizer, budget, split, step_ops):
+def _run_default(model, modules, xs, params, sigma, lr, num_samples, seed, reduction, optimizer, budget, split,
+                 step_ops):
     """Eval mode, fused noise, one chunked no-grad forward of all N*B perturbed samples, fused loss.
 
     Everything that needs no graph (noise, perturbed forwards, the loss and its gradient w.r.t. the
@@ -214,7 +216,7 @@ def _run_default(model, xs, params, sigma, lr, num_samples, seed, reduction, opt
     updated = params if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
     steps = samples = 0
     ratio_sums, loss_scales = [], []
-    with module_mode(model, False):
+    with module_mode(model, False, modules):
         for x in xs:
             b = x.shape[0]
             for p in params:
@@ -280,25 +282,31 @@ class _StepOps:
         else:
             self._perturb_out, self.ratio_and_grad = reference.perturb_out, reference.lipschitz_ratio_and_grad
             self.tier = "torch"
+        self.device = device
         self._x_tilde = self._in_norm = None
+        self._views = {}
         self._seeds = {}
-        self._found = torch.zeros(1, dtype=torch.float32, device=device)
-        self._one = torch.ones(1, dtype=torch.float32, device=device)
+        self._found = self._one = None
 
     def perturb(self, x: torch.Tensor, num_samples: int, sigma: float, seed: int, offset: int):
         """`ops.perturb(x, num_samples, sigma, seed, offset, clamp=True)` written into buffers kept
         for the whole run (one allocation instead of one per step; a step's x_tilde is consumed by
         its own forward before the next step overwrites it).  Returns contiguous views."""
-        shape = (num_samples, *x.shape)
-        numel, rows = math.prod(shape), num_samples * x.shape[0]
-        buf = self._x_tilde
-        if buf is None or buf.numel() < numel or buf.dtype != x.dtype:
-            self._x_tilde = buf = x.new_empty(numel)
-            self._in_norm = x.new_empty(rows, dtype=reference.opmath_dtype(x.dtype))
-        if self._in_norm.numel() < rows:
-            self._in_norm = x.new_empty(rows, dtype=reference.opmath_dtype(x.dtype))
-        x_tilde = buf[:numel].view(shape)
-        in_norm = self._in_norm[:rows].view(num_samples, x.shape[0])
+        key = (x.shape, x.dtype)
+        views = self._views.get(key)
+        if views is None:
+            shape = (num_samples, *x.shape)
+            numel, rows = math.prod(shape), num_samples * x.shape[0]
+            op_dtype = reference.opmath_dtype(x.dtype)
+            if self._x_tilde is None or self._x_tilde.numel() < numel or self._x_tilde.dtype != x.dtype:
+                self._x_tilde = x.new_empty(numel)
+                self._views.clear()
+            if self._in_norm is None or self._in_norm.numel() < rows or self._in_norm.dtype != op_dtype:
+                self._in_norm = x.new_empty(rows, dtype=op_dtype)
+                self._views.clear()
+            views = self._views[key] = (self._x_tilde[:numel].view(shape),
+                                        self._in_norm[:rows].view(num_samples, x.shape[0]))
+        x_tilde, in_norm = views
         self._perturb_out(x, num_samples, sigma, seed, offset, True, x_tilde, in_norm)
         return x_tilde, in_norm
 
@@ -317,12 +325,15 @@ class _StepOps:
 
     def all_finite(self, tensors) -> bool:
         """`_all_finite`, reusing the fused check's flag buffers across steps."""
+        if self._found is None:
+            self._found = torch.zeros(1, dtype=torch.float32, device=self.device)
+            self._one = torch.ones(1, dtype=torch.float32, device=self.device)
         return _all_finite(tensors, found=self._found, one=self._one)
 
 
 def _chunked_forward(model, x, budget):
     """model(x) for x [R, ...] in equal chunks of at most `budget` input elements (at least one row)."""
-    rows = max(1, budget // max(1, x[0].numel()))
+    rows = max(1, budget // max(1, math.prod(x.shape[1:])))
     if x.shape[0] <= rows:
         return check_logits(model(x), x.shape[0])
     chunks = -(-x.shape[0] // rows)
