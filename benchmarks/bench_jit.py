@@ -3,7 +3,9 @@
 Run: python -m pytest benchmarks/bench_jit.py --benchmark-only
  or: python benchmarks/bench_jit.py [digits_mlp|cifar_resnet18] --rounds R --threads T  (interleaved)
 Per group, divide `default` by the `floor_*` rows (target <= 1.10) and `reference` by
-`transcription` (target <= 1.0).  Models: a digits MLP and a CIFAR-shaped ResNet-18.
+`transcription` (target <= 1.0); the `-paired` groups alternate default and floor round by round
+and carry the ratios in extra_info (benchmarks/ratios.py prints them).  Models: a digits MLP and a
+CIFAR-shaped ResNet-18.
 """
 import argparse
 import copy
@@ -89,6 +91,36 @@ def test_default_vs_floor(benchmark, case, variant):
     _run(benchmark, f"jit-{case}", fns[variant], model, rounds)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_default_vs_floor_paired(benchmark, case):
+    """The default mode timed by pytest-benchmark, each of its rounds right after a round of the
+    batched floor that this test times itself: the two alternate, so a change of machine speed
+    between rounds hits both alike (the groups above time each variant in its own block of
+    rounds).  extra_info holds the floor's times and the per-round ratios default / floor."""
+    model, rounds, fns = _floor_variants(case)
+    floor_times = []
+
+    def setup():
+        m = copy.deepcopy(model)
+        start = time.perf_counter()
+        fns["floor_batched"](m)
+        floor_times.append(time.perf_counter() - start)
+        return (copy.deepcopy(model),), {}
+
+    benchmark.group = f"jit-{case}-paired"
+    benchmark.pedantic(fns["default"], setup=setup, rounds=rounds, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable
+        return
+    default_times = list(benchmark.stats.stats.data)
+    floor_times = floor_times[-len(default_times):]  # the warm-up round's floor run is not paired
+    ratios = [d / f for d, f in zip(default_times, floor_times)]
+    benchmark.extra_info.update(
+        floor_min=min(floor_times), floor_median=statistics.median(floor_times),
+        ratio_of_mins=min(default_times) / min(floor_times),
+        ratio_of_medians=statistics.median(default_times) / statistics.median(floor_times),
+        median_paired_ratio=statistics.median(ratios))
+
+
 def _published_loop(model, forget, bs, n, sigma, lr):
     """The published JiT loop as written there: noise and batch min/max per copy on a deep copy of
     the batch, running sums of the norms, gradients accumulated across batches, plain SGD."""
@@ -153,6 +185,8 @@ def _interleaved(case, rounds, threads):
 
 
 if __name__ == "__main__":
+    from conftest import ALLOCATOR  # the thread count and heap settings of the pytest runs
+    print(ALLOCATOR)
     parser = argparse.ArgumentParser(description=_interleaved.__doc__)
     parser.add_argument("cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--rounds", type=int, default=10)

@@ -32,24 +32,28 @@ def values(*shape, low=-4.0, high=4.0):
     return torch.randint(int(low * 2**16), int(high * 2**16), shape, generator=gen).double() / 2**16
 
 
-# Rows of 3 * 11 * 7 = 231 elements: Philox groups straddle rows, chunks straddle rows and tasks;
-# 33 rows of 19 logits cover whole 16-row vectors, 8-lane blocks and scalar tails.
+# Rows of 3 * 11 * 7 = 231 elements: Philox groups straddle rows, chunks straddle rows and tasks.
 for dtype in (torch.float32, torch.float64, torch.bfloat16):
     x = values(37, 3, 11, 7).to(dtype)
     for clamp in (True, False):
         results[f"perturb_{dtype}_{clamp}"] = torch.ops.jit_unlearn.perturb(x, 5, 0.4, 2**40 + 3, 9, clamp)
-    out = values(33, 19).to(dtype)
-    pert = values(6, 33, 19).to(dtype)
-    op = torch.float64 if dtype == torch.float64 else torch.float32
-    in_norm = values(6, 33, low=0.1, high=2.0).to(op)
-    in_norm[0, 0] = 0.0
-    in_norm[1, 3] = float("nan")
-    in_norm[2, 20] = -1.0
-    pert[3, 5:25] = out[5:25]  # zero output distances: coefficient 0
-    grad = values(6, 33, low=0.0, high=1.0).to(op)
-    results[f"ratio_{dtype}"] = torch.ops.jit_unlearn.lipschitz_ratio(out, pert, in_norm)
-    results[f"backward_{dtype}"] = torch.ops.jit_unlearn._lipschitz_ratio_backward(grad, out, pert, in_norm, True)
-    results[f"ratio_and_grad_{dtype}"] = torch.ops.jit_unlearn._lipschitz_ratio_and_grad(grad, out, pert, in_norm)
+    # 19 logits: a full 8-lane block and a masked one, past the register form of the gradient
+    # sums; 10, 16 and 3: rows in that form (one or two blocks, or only a masked one).
+    for k in (19, 10, 16, 3):
+        out = values(33, k).to(dtype)
+        pert = values(6, 33, k).to(dtype)
+        op = torch.float64 if dtype == torch.float64 else torch.float32
+        in_norm = values(6, 33, low=0.1, high=2.0).to(op)
+        in_norm[0, 0] = 0.0
+        in_norm[1, 3] = float("nan")
+        in_norm[2, 20] = -1.0
+        pert[3, 5:25] = out[5:25]  # zero output distances: coefficient 0
+        grad = values(6, 33, low=0.0, high=1.0).to(op)
+        lib = torch.ops.jit_unlearn
+        results[f"ratio_{dtype}_{k}"] = lib.lipschitz_ratio(out, pert, in_norm)
+        results[f"backward_{dtype}_{k}"] = lib._lipschitz_ratio_backward(grad, out, pert, in_norm, True)
+        results[f"backward_out_{dtype}_{k}"] = lib._lipschitz_ratio_backward(grad, out, pert, in_norm, False)
+        results[f"ratio_and_grad_{dtype}_{k}"] = lib._lipschitz_ratio_and_grad(grad, out, pert, in_norm)
 # the clamp's NaN and signed-zero cases: a NaN input makes the batch range NaN; -0 against +0 bounds
 special = values(9, 40).float()
 special[2, 7] = float("nan")
