@@ -32,7 +32,7 @@ CASES = {
     # 64 random CIFAR-shaped samples, batch 32, N=4 -> 2 steps of 5 forwards + 1 backward each
     "cifar_resnet18": (lambda: ResNet18(10),
                        lambda: torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
-                       32, 4, 0.5, 3e-4, 3),
+                       32, 4, 0.5, 3e-4, 5),
 }
 
 
