@@ -41,6 +41,23 @@ C10_ALWAYS_INLINE void philox_words_portable(uint64_t first, int64_t count, uint
   }
 }
 
+// The end of a span: elements [i, len) (fewer than kLanes) into lane 0, then the lanes summed in order.
+template <bool kClamp, typename scalar_t, typename opmath_t>
+C10_ALWAYS_INLINE opmath_t perturb_span_tail(const scalar_t* __restrict__ x, const float* __restrict__ z, int64_t i,
+                                             int64_t len, opmath_t sigma, opmath_t lo, opmath_t hi,
+                                             scalar_t* __restrict__ out, opmath_t* partial) {
+  for (; i < len; ++i) {
+    const auto e = perturb_element<kClamp>(x[i], z[i], sigma, lo, hi);
+    out[i] = e.value;
+    partial[0] += e.sq_diff;
+  }
+  opmath_t total = 0;
+  for (int64_t k = 0; k < kLanes; ++k) {
+    total += partial[k];
+  }
+  return total;
+}
+
 #ifdef JIT_UNLEARN_X86_ISA
 // GCC 12 reports false "may be used uninitialized" warnings from inside its AVX-512 intrinsics
 // (their unused pass-through operands) wherever they are inlined: from here to the end of the file.
@@ -115,6 +132,19 @@ JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE __m512 mul(__m512 a, __m512 b) { ret
 JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE __m512 add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
 JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE __m512 splat(float v) { return _mm512_set1_ps(v); }
 
+// Horner's rule from the highest coefficient down: p = c[0], then p = p x + c[k], each step rounded.
+template <size_t kN>
+JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE __m512 horner16(__m512 x, const float (&c)[kN]) {
+  __m512 p = splat(c[0]);
+  for (size_t k = 1; k < kN; ++k) p = add(mul(p, x), splat(c[k]));
+  return p;
+}
+
+// The coefficients of rng_utils.h's polynomials, highest first.
+constexpr float kLogPoly[] = {kLogC4, kLogC3, kLogC2, kLogC1, kLogC0};
+constexpr float kSinPoly[] = {kSinC4, kSinC3, kSinC2, kSinC1, kSinC0};
+constexpr float kCosPoly[] = {kCosC5, kCosC4, kCosC3, kCosC2, kCosC1, kCosC0};
+
 // (2 (r >> 9) + 1) as a float: exact, below 2^24.
 JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE __m512 odd_uniform_bits(__m512i m) {
   return _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(m, 1), _mm512_set1_epi32(1)));
@@ -132,11 +162,7 @@ JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE __m512 neg2log_uniform16(__m512i r) 
   const __m512 ef = _mm512_cvtepi32_ps(_mm512_mask_add_epi32(e, big, e, _mm512_set1_epi32(1)));
   const __m512 s = _mm512_div_ps(_mm512_sub_ps(m, splat(1.0f)), add(m, splat(1.0f)));
   const __m512 s2 = mul(s, s);
-  __m512 p = splat(kLogC4);
-  p = add(mul(p, s2), splat(kLogC3));
-  p = add(mul(p, s2), splat(kLogC2));
-  p = add(mul(p, s2), splat(kLogC1));
-  p = add(mul(p, s2), splat(kLogC0));
+  const __m512 p = horner16(s2, kLogPoly);
   const __m512 two_s = mul(s, splat(2.0f));
   const __m512 log_m = add(two_s, mul(mul(two_s, s2), p));
   const __m512 log_u = add(mul(ef, splat(kLn2Hi)), add(mul(ef, splat(kLn2Lo)), log_m));
@@ -149,19 +175,8 @@ JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE void sincos_2pi_uniform16(__m512i r,
   const __m512 f = mul(odd_uniform_bits(_mm512_and_si512(m, _mm512_set1_epi32(0x1FFFFF))), splat(kTwoPowMinus22));
   const __m512 t = mul(_mm512_sub_ps(f, splat(0.5f)), splat(kHalfPi));
   const __m512 t2 = mul(t, t);
-  __m512 ps = splat(kSinC4);
-  ps = add(mul(ps, t2), splat(kSinC3));
-  ps = add(mul(ps, t2), splat(kSinC2));
-  ps = add(mul(ps, t2), splat(kSinC1));
-  ps = add(mul(ps, t2), splat(kSinC0));
-  const __m512 sin_t = add(t, mul(mul(t, t2), ps));
-  __m512 pc = splat(kCosC5);
-  pc = add(mul(pc, t2), splat(kCosC4));
-  pc = add(mul(pc, t2), splat(kCosC3));
-  pc = add(mul(pc, t2), splat(kCosC2));
-  pc = add(mul(pc, t2), splat(kCosC1));
-  pc = add(mul(pc, t2), splat(kCosC0));
-  const __m512 cos_t = add(splat(1.0f), mul(t2, pc));
+  const __m512 sin_t = add(t, mul(mul(t, t2), horner16(t2, kSinPoly)));
+  const __m512 cos_t = add(splat(1.0f), mul(t2, horner16(t2, kCosPoly)));
   const __m512 cos_a = mul(_mm512_sub_ps(cos_t, sin_t), splat(kInvSqrt2));
   const __m512 sin_a = mul(add(cos_t, sin_t), splat(kInvSqrt2));
   // Quadrants 1 and 3 swap cos and sin; the sign flips of the scalar selects are exact negations.
@@ -250,16 +265,7 @@ JIT_UNLEARN_TARGET_AVX512 float perturb_span_avx512(const float* __restrict__ x,
   }
   alignas(32) float lanes[kLanes];
   _mm256_store_ps(lanes, partial);
-  for (; i < len; ++i) {
-    const auto e = perturb_element<kClamp>(x[i], z[i], sigma, lo, hi);
-    out[i] = e.value;
-    lanes[0] += e.sq_diff;
-  }
-  float total = 0;
-  for (int64_t k = 0; k < kLanes; ++k) {
-    total += lanes[k];
-  }
-  return total;
+  return perturb_span_tail<kClamp>(x, z, i, len, sigma, lo, hi, out, lanes);
 }
 #endif
 
@@ -306,16 +312,7 @@ C10_ALWAYS_INLINE opmath_t perturb_span(const scalar_t* __restrict__ x, const fl
       partial[k] += e.sq_diff;
     }
   }
-  for (; i < len; ++i) {
-    const auto e = perturb_element<kClamp>(x[i], z[i], sigma, lo, hi);
-    out[i] = e.value;
-    partial[0] += e.sq_diff;
-  }
-  opmath_t total = 0;
-  for (int64_t k = 0; k < kLanes; ++k) {
-    total += partial[k];
-  }
-  return total;
+  return perturb_span_tail<kClamp>(x, z, i, len, sigma, lo, hi, out, partial);
 }
 
 // The operands of one call.  Row r = n B + b of the flattened [N, B] output covers flat noise
