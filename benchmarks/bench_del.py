@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn as ju
 from jit_unlearn.data import mnist
-from jit_unlearn.methods.del_ import _mask_from_scores
+from jit_unlearn.methods.deletion.localize import mask_from_scores
 from jit_unlearn.models import ResNet18, SmallCNN
 
 BUDGET, TOP_FRACTION = 0.3, 0.1
@@ -54,7 +54,7 @@ def resnet_case():
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     names = [n for n, _ in model.named_parameters()]
     scores = [torch.rand(p.shape) for p in model.parameters()]
-    ours = _mask_from_scores(names, scores, "channel", BUDGET, TOP_FRACTION)
+    ours = mask_from_scores(names, scores, "channel", BUDGET, TOP_FRACTION)
     ref = loop_mask(names, scores)
     assert all(torch.equal(ours[n], ref[n]) for n in names)
     return model, x, y, names, scores
@@ -63,7 +63,7 @@ def resnet_case():
 def test_score_rank_vectorised(benchmark, resnet_case):
     _, _, _, names, scores = resnet_case
     benchmark.group = "del: channel scoring + global budget, ResNet-18 (11.2 M params)"
-    benchmark(_mask_from_scores, names, scores, "channel", BUDGET, TOP_FRACTION)
+    benchmark(mask_from_scores, names, scores, "channel", BUDGET, TOP_FRACTION)
 
 
 def test_score_rank_loop(benchmark, resnet_case):

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 
-from jit_unlearn import jit, reference
+from jit_unlearn import jit, torch_ops
 from jit_unlearn.data import digits
 from jit_unlearn.methods.jit import default_max_batch_elems
 from jit_unlearn.models import MLP, ResNet18
@@ -76,7 +76,7 @@ def _floor_variants(case):
     model, forget, bs, n, sigma, lr, rounds = _make(case)
     model.eval()
     x_batches = list(forget.split(bs))
-    noisy = [reference.perturb(x, n, sigma, 0, t, True)[0] for t, x in enumerate(x_batches)]
+    noisy = [torch_ops.perturb(x, n, sigma, 0, t, True)[0] for t, x in enumerate(x_batches)]
     return model, rounds, {
         "default": lambda m: jit(m, forget, sigma=sigma, lr=lr, num_samples=n, batch_size=bs, progress=False),
         "floor_sequential": lambda m: _floor(m, x_batches, noisy, lr, batched=False),

@@ -1,4 +1,4 @@
-"""Small reference classifiers: an MLP, two small CNNs, and a CIFAR-style ResNet-18 (3x3 stem)."""
+"""Small classifiers for tests and demos: an MLP, two small CNNs, and a CIFAR-style ResNet-18 (3x3 stem)."""
 from __future__ import annotations
 
 import torch

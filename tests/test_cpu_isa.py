@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from jit_unlearn import _backend, reference
+from jit_unlearn import _backend, torch_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPABILITIES = ("default", "avx2", "avx512")
@@ -104,10 +104,10 @@ def test_isa_variants_agree_bitwise(tmp_path):
                 continue
             for a, b in zip(_flat(got[key]), _flat(base[key])):
                 assert _same_bits(a, b), f"{key} differs between ATEN_CPU_CAPABILITY={cap} and default"
-    # and the noise is the reference tier's, whichever copy drew it
+    # and the noise is the pure-PyTorch tier's, whichever copy drew it
     x = torch.randint(-4 * 2**16, 4 * 2**16, (37, 3, 11, 7), generator=torch.Generator().manual_seed(0))
     x = (x.double() / 2**16).float()
-    want = reference.perturb(x, 5, 0.4, 2**40 + 3, 9, True)
+    want = torch_ops.perturb(x, 5, 0.4, 2**40 + 3, 9, True)
     assert torch.equal(base["perturb_torch.float32_True"][0], want[0])
 
 

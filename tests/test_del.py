@@ -1,4 +1,4 @@
-"""Tests for DEL: localization against a transcription of ALGORITHMS.md §3, masked fine-tuning,
+"""Tests for DEL: localization against a transcription of docs/METHODS.md §3, masked fine-tuning,
 the reset, argument checks, and real forgetting on bundled MNIST."""
 import math
 

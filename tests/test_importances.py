@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn as ju
 import published
-from jit_unlearn.importances import Importances, importances, model_fingerprint
+from jit_unlearn.importance import Importances, importances, model_fingerprint
 from jit_unlearn.models import MLP, SmallCNN
 
 

@@ -1,4 +1,4 @@
-"""jit_unlearn.jit against literal transcriptions of ALGORITHMS.md section 1, plus forgetting and safety."""
+"""jit_unlearn.jit against literal transcriptions of docs/METHODS.md §1, plus forgetting and safety."""
 import copy
 
 import pytest
@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn
-from jit_unlearn import _backend, jit, reference
+from jit_unlearn import _backend, jit, torch_ops
 from jit_unlearn.data import digits, mnist
 from jit_unlearn.models import MLP, SmallCNN
 
@@ -53,7 +53,7 @@ def _forget(shape, n=40, seed=1):
 
 
 def _published_loop(model, loader, sigma, lr, n):
-    """ALGORITHMS.md section 1, reference semantics, written out literally."""
+    """docs/METHODS.md §1, reference mode, written out literally."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     opt.zero_grad()
     for batch in loader:
@@ -73,12 +73,12 @@ def _published_loop(model, loader, sigma, lr, n):
 
 
 def _fixed_loop(model, batches, sigma, lr, n, seed, reduction="sum"):
-    """Default semantics composed from plain PyTorch: eval mode, the reference Philox noise, N separate
+    """Default semantics composed from plain PyTorch: eval mode, torch_ops' Philox noise, N separate
     forwards, autograd norms, zeroed gradients, p -= lr * grad."""
     model.eval()
     for t, x in enumerate(batches):
         model.zero_grad(set_to_none=True)
-        x_tilde, _ = reference.perturb(x, n, sigma, seed, t, True)
+        x_tilde, _ = torch_ops.perturb(x, n, sigma, seed, t, True)
         out = model(x)
         total = torch.zeros(())
         for k in range(n):
@@ -203,6 +203,17 @@ def test_default_same_for_tensor_dataset_and_loader():
         _assert_state_equal(runs[kind], _state(runs["tensor"]))
 
 
+def test_default_seed_takes_the_whole_uint64_range(backend):
+    """A seed in [2^63, 2^64) means the uint64 whose bits the int64 seed - 2^64 has: the two runs agree."""
+    x = _forget((64,), n=16)
+    runs = {}
+    for seed in (2**63 + 5, 5 - 2**63, 5):
+        runs[seed] = _mlp()
+        jit(runs[seed], x, sigma=0.3, lr=0.05, num_samples=3, batch_size=8, seed=seed, progress=False)
+    _assert_state_equal(runs[2**63 + 5], _state(runs[5 - 2**63]))
+    assert not torch.equal(next(runs[5].parameters()), next(runs[2**63 + 5].parameters()))  # the seed matters
+
+
 def test_default_with_user_optimizer():
     ours, theirs = _mlp(dropout=0.0), _mlp(dropout=0.0)
     x = _forget((64,), n=32)
@@ -212,7 +223,7 @@ def test_default_with_user_optimizer():
     ref_opt = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9)
     for t, xb in enumerate(x.split(16)):
         theirs.zero_grad(set_to_none=True)
-        x_tilde, in_norm = reference.perturb(xb, 3, 0.4, 0, t, True)
+        x_tilde, in_norm = torch_ops.perturb(xb, 3, 0.4, 0, t, True)
         out = theirs(xb)
         with torch.no_grad():
             out2 = torch.stack([theirs(x_tilde[k]) for k in range(3)])
@@ -461,7 +472,7 @@ def test_non_finite_gradients_raise_and_restore():
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_finite_check_finds_every_non_finite_and_changes_nothing(dtype, fused, monkeypatch):
-    from jit_unlearn.methods.jit import _all_finite
+    from jit_unlearn.methods.jit.safety import all_finite
 
     if not fused:  # the generic path, taken where torch's fused check has no kernel
         def unsupported(*args):
@@ -469,14 +480,14 @@ def test_finite_check_finds_every_non_finite_and_changes_nothing(dtype, fused, m
         monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", unsupported)
     tensors = [torch.randn(5, 3).to(dtype), torch.randn(7).to(dtype), torch.tensor([-0.0], dtype=dtype), None]
     before = [t.clone() for t in tensors if t is not None]
-    assert _all_finite(tensors)
+    assert all_finite(tensors)
     assert all(torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
                for a, b in zip([t for t in tensors if t is not None], before))
     for bad in (float("inf"), float("-inf"), float("nan")):
         broken = [t.clone() for t in before]
         broken[1][4] = bad
-        assert not _all_finite(broken)
-    assert _all_finite([None, torch.empty(0, dtype=dtype)])
+        assert not all_finite(broken)
+    assert all_finite([None, torch.empty(0, dtype=dtype)])
 
 
 @pytest.mark.parametrize("optimizer", [False, True])

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import jit_unlearn as ju
 import published
 from jit_unlearn.data import digits
-from jit_unlearn.importances import Importances, importances
+from jit_unlearn.importance import Importances, importances
 from jit_unlearn.models import MLP, SmallCNN
 
 

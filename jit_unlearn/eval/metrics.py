@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .. import _checks as checks
 from .._utils import as_batches, batch_input, batch_labels, check_logits, model_device, module_mode, progress
 
 EVAL_BATCH_SIZE = 512
@@ -125,8 +126,7 @@ def loss_mia(model: torch.nn.Module, forget, test, *, n_splits: int = 10, seed: 
     `n_splits` stratified shuffle splits (10 % test, `random_state=seed`) of test (0) vs forget (1).
     Returns the mean accuracy: 0.5 means forget and test losses are indistinguishable; compare with
     the retrained model's value."""
-    if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 1:
-        raise ValueError(f"n_splits: expected an int >= 1, got {n_splits!r}")
+    checks.integer(n_splits, "n_splits", low=1)
     f_logits, f_labels = _forward(model, forget, name="forget", batch_size=batch_size)
     t_logits, t_labels = _forward(model, test, name="test", batch_size=batch_size)
     return _loss_mia(_ce_losses(f_logits, f_labels), _ce_losses(t_logits, t_labels), n_splits, seed)

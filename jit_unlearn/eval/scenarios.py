@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .. import _checks as checks
 from .._train import Recipe, train
 from .._utils import batch_labels
 
@@ -97,8 +98,7 @@ def train_test_split(ds: Dataset, test_fraction: float = 0.2, seed: int = 0) -> 
     contributes round(test_fraction * its count) test samples).  For data sets shipped as one split,
     such as the bundled MNIST test set."""
     _check_dataset(ds, "ds")
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
+    test_fraction = checks.real(test_fraction, "test_fraction", low=0, high=1, low_open=True, high_open=True)
     labels = dataset_labels(ds)
     g = torch.Generator().manual_seed(seed)
     is_test = torch.zeros(len(labels), dtype=torch.bool)
@@ -159,8 +159,7 @@ def sub_class(ds: Dataset, fine_cls: int, coarse_of, test_ds: Dataset | None = N
 
     `ds` (and `test_ds`) yield (x, fine_label); `coarse_of` maps fine -> coarse label (a sequence
     indexed by fine label, a dict, or a function).  The returned splits yield (x, coarse_label)."""
-    if isinstance(fine_cls, bool) or not isinstance(fine_cls, int):
-        raise TypeError(f"fine_cls: expected an int, got {fine_cls!r}")
+    checks.integer(fine_cls, "fine_cls")
     ds, test_ds = _with_test(ds, test_ds, test_fraction, seed)
     fine, test_fine = dataset_labels(ds), dataset_labels(test_ds)
     if not bool((fine == fine_cls).any()):

@@ -1,5 +1,5 @@
 """Selective Synaptic Dampening (SSD), its label-free form (LF-SSD) and adaptive-alpha form (ASSD),
-ALGORITHMS.md section 2: dampen the parameters far more important to the forget set than to the
+docs/METHODS.md §2: dampen the parameters far more important to the forget set than to the
 whole training set."""
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import _checks as checks
 from .. import ops
 from .._utils import as_batches, model_device, restore_on_failure
-from ..importances import Importances, importances
+from ..importance import Importances, importances
 
 __all__ = ["SSDReport", "dampen_", "ssd", "lf_ssd", "assd", "assd_alpha"]
 
@@ -42,24 +43,10 @@ class SSDReport:
         return self.total_selected / self.total_elements if self.total_elements else 0.0
 
 
-def _real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: must be finite, got {value}")
-    return value
-
-
 def _check_hparams(alpha, lam, exponent) -> tuple[float | None, float, float]:
     if alpha is not None:
-        alpha = _real(alpha, "alpha")
-        if alpha <= 0:
-            raise ValueError(f"alpha: must be > 0, got {alpha}")
-    lam = _real(lam, "lam")
-    if lam < 0:
-        raise ValueError(f"lam: must be >= 0, got {lam}")
-    return alpha, lam, _real(exponent, "exponent")
+        alpha = checks.real(alpha, "alpha", low=0, low_open=True)
+    return alpha, checks.real(lam, "lam", low=0), checks.real(exponent, "exponent")
 
 
 def _as_importances(imp, name: str, kind: str = "fisher") -> Importances:
@@ -77,11 +64,6 @@ def _checked(model: torch.nn.Module, imp, name: str, kind: str = "fisher") -> Im
         raise ValueError(f"{name}: holds NaN, inf or negative values in {imp.invalid[:5]}; "
                          f"refusing to dampen with them")
     return imp
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _dampen(model, imp_f: Importances, imp_d: Importances, alpha: float, lam: float,
@@ -127,9 +109,8 @@ def assd_alpha(imp_forget, imp_full, n_forget: int, n_full: int) -> float:
     """ASSD's adaptive alpha: the P-th percentile (linear interpolation, as numpy.percentile) of
     the finite ratios I_f / I_D over every element of every parameter, P = 100 - ln(1 + 100 *
     n_forget / n_full).  Ratios are computed in the importances' dtype (float32 for half types)."""
-    for value, name in ((n_forget, "n_forget"), (n_full, "n_full")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: must be a positive int, got {value!r}")
+    checks.integer(n_forget, "n_forget", low=1)
+    checks.integer(n_full, "n_full", low=1)
     imp_f, imp_d = _as_importances(imp_forget, "imp_forget"), _as_importances(imp_full, "imp_full")
     if list(imp_f) != list(imp_d) or any(imp_f[n].shape != imp_d[n].shape for n in imp_f):
         raise ValueError("imp_full: names or shapes differ from imp_forget")
@@ -158,10 +139,8 @@ def assd_alpha(imp_forget, imp_full, n_forget: int, n_full: int) -> float:
 def _unlearn(method: str, model, forget, full, *, kind: str, alpha, lam, exponent, full_importances,
              per_sample, batch_size, progress, max_batch_elems) -> SSDReport:
     alpha, lam, exponent = _check_hparams(alpha, lam, exponent)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(per_sample, bool):
-        raise TypeError(f"per_sample: expected a bool, got {type(per_sample).__name__}")
+    checks.module(model)
+    checks.boolean(per_sample, "per_sample")
     if full_importances is not None:
         if isinstance(full_importances, Importances):  # a plain mapping records neither
             if full_importances.kind != kind:
@@ -190,7 +169,7 @@ def _unlearn(method: str, model, forget, full, *, kind: str, alpha, lam, exponen
                                  f"(the model's gradients overflowed); nothing was changed")
         if alpha is None:
             alpha = assd_alpha(imp_f, imp_d, imp_f.num_samples, imp_d.num_samples)
-        _sync(device)
+        checks.sync(device)
         mid = time.perf_counter()
         selected = _dampen(model, imp_f, imp_d, alpha, lam, exponent)
     end = time.perf_counter()

@@ -1,9 +1,11 @@
-"""Pure-PyTorch versions of every jit_unlearn op: the fallback tier and the test oracle.
+"""The pure-PyTorch tier: every jit_unlearn op written in plain PyTorch, the fallback and the test oracle.
 
 Each function computes exactly what the compiled op computes (see csrc/common/*_utils.h for the
 per-element formulas), with the same argument order and the same output dtypes.  The Philox
 generator and the Box-Muller transform are transcribed operation for operation, in float32, so
-the fallback draws the same noise as the C++ and CUDA kernels.
+the fallback draws the same noise as the C++ and CUDA kernels.  A private op's function drops the
+op's leading underscore (`perturb_out` is `torch.ops.jit_unlearn._perturb_out`); callers get the
+function or the compiled op through `jit_unlearn._backend.kernel`.
 """
 from __future__ import annotations
 
@@ -236,7 +238,7 @@ def accumulate_importance_(acc: list[torch.Tensor], grads: list[torch.Tensor], m
 
 def ssd_dampen_(params: list[torch.Tensor], imp_forget: list[torch.Tensor], imp_full: list[torch.Tensor],
                 alpha: float, lam: float, exponent: float) -> torch.Tensor:
-    """SSD dampening, ALGORITHMS.md section 2, per element in the opmath dtype:
+    """SSD dampening (docs/METHODS.md §2), per element in the opmath dtype:
     selected = I_f > alpha * I_D; theta *= min(((lam * I_D) / I_f) ** exponent, 1) where selected.
     Returns the selected count per tensor (int64 [T], on the parameters' device)."""
     counts = []
