@@ -10,16 +10,15 @@ import pytest
 import torch
 
 import jit_unlearn
+from conftest import ROOT, subprocess_env
 from jit_unlearn import _backend
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS = ("perturb", "_perturb_out", "lipschitz_ratio", "_lipschitz_ratio_backward", "_lipschitz_ratio_and_grad",
        "accumulate_importance_", "ssd_dampen_", "masked_reset_")
 
 
 def _run(code: str, env_extra: dict | None = None, root: str = ROOT) -> subprocess.CompletedProcess:
     """Run `code` in a fresh interpreter that imports jit_unlearn from `root`."""
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = subprocess_env(root)
     env.pop("JIT_UNLEARN_BACKEND", None)
     env.pop("JIT_UNLEARN_LIBRARY", None)
     env.update(env_extra or {})
@@ -116,6 +115,7 @@ def test_compiled_cpu_kernels_cover_every_op():
 
 
 CMAKE_LIB = os.environ.get("JIT_UNLEARN_CMAKE_LIB")
+CMAKE_LIB = os.path.abspath(CMAKE_LIB) if CMAKE_LIB else None
 
 
 @pytest.mark.skipif(not CMAKE_LIB, reason="no CMake-built library given")

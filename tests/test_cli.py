@@ -1,31 +1,21 @@
 """The `jit-unlearn` command: `run CONFIG` end to end, config errors, and `demo --fast`, as subprocesses."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import subprocess_env
 from jit_unlearn import cli, models
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = ("method", "seconds", "forget acc", "retain acc", "test acc", "entropy MIA", "loss MIA")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"  # tiny models; avoids OpenMP hand-off costs on a shared machine
-    return env
+    return subprocess_env(OMP_NUM_THREADS="1")  # tiny models; avoids OpenMP hand-off costs on a shared machine
 
 
 def _cli(*args, cwd=None):

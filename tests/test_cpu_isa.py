@@ -3,7 +3,6 @@
 Each variant runs in a subprocess with ATEN_CPU_CAPABILITY capping the level (ATen caps it further
 to what the CPU has, so on a machine without AVX-512 two runs use the AVX2 copy); every output of
 perturb and of the Lipschitz forward and backward must match the baseline copy bit for bit."""
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,9 +10,9 @@ import textwrap
 import pytest
 import torch
 
+from conftest import subprocess_env
 from jit_unlearn import _backend, torch_ops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPABILITIES = ("default", "avx2", "avx512")
 
 pytestmark = pytest.mark.skipif(not _backend.has_kernel("cpu"), reason="compiled CPU kernels not built")
@@ -66,8 +65,7 @@ torch.save(results, sys.argv[1])
 
 
 def _run_variant(capability: str, path: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               ATEN_CPU_CAPABILITY=capability)
+    env = subprocess_env(ATEN_CPU_CAPABILITY=capability)
     env.pop("JIT_UNLEARN_BACKEND", None)
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_CHILD), path], env=env, capture_output=True,
                           text=True, timeout=300)

@@ -12,20 +12,21 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
+import conftest
 import dist_worker as W
+from conftest import subprocess_env
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="torch.distributed with the gloo backend is not available")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(conftest.ROOT)
 LAUNCH_TIMEOUT_S = 90
 
 
 def _launch(scenario: str, out_dir: Path) -> tuple[int, str]:
     """Run the worker on 2 ranks; returns (exit code, stdout + stderr).  The whole process group is
     killed if it outlives LAUNCH_TIMEOUT_S, so a hang fails the test instead of the test run."""
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = subprocess_env(OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={W.WORLD}",
            str(ROOT / "tests" / "dist_worker.py"), scenario, str(out_dir)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

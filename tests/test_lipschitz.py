@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from conftest import requires_cuda
 import jit_unlearn
 from jit_unlearn import _backend, ops, torch_ops
 
@@ -17,7 +18,6 @@ SHAPES = [(1, 1, 1), (3, 5, 7), (2, 4, 8), (2, 4, 16), (4, 3, 33), (25, 16, 100)
 HAS_COMPILED_CPU = _backend.extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "jit_unlearn::lipschitz_ratio", "CPU")
 requires_compiled = pytest.mark.skipif(not HAS_COMPILED_CPU, reason="compiled CPU kernels not built")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _fwd(*args):

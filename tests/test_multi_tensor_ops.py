@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
+from conftest import requires_cuda
 import jit_unlearn.ops as ops
 from jit_unlearn import _backend, torch_ops
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _has_compiled(op: str, key: str = "CPU") -> bool:

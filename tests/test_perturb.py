@@ -6,9 +6,9 @@ import pytest
 import scipy.stats
 import torch
 
+from conftest import requires_cuda
 from jit_unlearn import _backend, ops, torch_ops
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 requires_compiled = pytest.mark.skipif(not _backend.has_kernel("cpu"), reason="compiled CPU kernels not built")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
