@@ -20,6 +20,7 @@ from jit_unlearn.data import digits
 from jit_unlearn.methods.jit import default_max_batch_elems
 from jit_unlearn.models import MLP, ResNet18
 
+
 def _digit3():
     x, y = digits().tensors
     return x[y == 3]

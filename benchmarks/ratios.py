@@ -29,7 +29,8 @@ def main(path: str) -> None:
                   f"{s['min'] / best_min:7.2f} {s['median'] / best_med:8.2f}")
             extra = b.get("extra_info") or {}
             if "median_paired_ratio" in extra:  # a paired group: the baseline ran inside the rounds
-                print(f"{'  paired with its floor, rounds alternating:':58s} floor min {extra['floor_min'] * 1e3:.3f} ms, "
+                label = "  paired with its floor, rounds alternating:"
+                print(f"{label:58s} floor min {extra['floor_min'] * 1e3:.3f} ms, "
                       f"median {extra['floor_median'] * 1e3:.3f} ms; ratio of mins {extra['ratio_of_mins']:.3f}, "
                       f"of medians {extra['ratio_of_medians']:.3f}, median per-round ratio "
                       f"{extra['median_paired_ratio']:.3f}")

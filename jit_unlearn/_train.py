@@ -47,7 +47,7 @@ class Recipe:
             raise ValueError(str(exc)) from None
 
     @classmethod
-    def from_mapping(cls, values: Mapping, **defaults) -> "Recipe":
+    def from_mapping(cls, values: Mapping, **defaults) -> Recipe:
         """A recipe from a dict (e.g. a config section); unknown keys raise ValueError naming the key."""
         fields = {f.name for f in dataclasses.fields(cls)}
         for key in values:

@@ -12,6 +12,7 @@ import torch
 import jit_unlearn
 from conftest import ROOT, subprocess_env
 from jit_unlearn import _backend
+
 OPS = ("perturb", "_perturb_out", "lipschitz_ratio", "_lipschitz_ratio_backward", "_lipschitz_ratio_and_grad",
        "accumulate_importance_", "ssd_dampen_", "masked_reset_")
 

@@ -13,7 +13,6 @@ import jit_unlearn as ju
 from jit_unlearn.data import digits, mnist
 from jit_unlearn.models import MLP
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

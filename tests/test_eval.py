@@ -14,7 +14,6 @@ from conftest import requires_cuda
 from jit_unlearn import data, models
 from jit_unlearn.eval import Recipe, Splits, accuracy, entropy_mia, evaluate, full_class, loss_mia, train
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -11,7 +11,6 @@ import published
 from jit_unlearn.importance import Importances, importances, model_fingerprint
 from jit_unlearn.models import MLP, SmallCNN
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -12,7 +12,6 @@ from jit_unlearn import _backend, jit, torch_ops
 from jit_unlearn.data import digits, mnist
 from jit_unlearn.models import MLP, SmallCNN
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

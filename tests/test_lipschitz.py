@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from conftest import requires_cuda
 import jit_unlearn
+from conftest import requires_cuda
 from jit_unlearn import _backend, ops, torch_ops
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 
-from conftest import requires_cuda
 import jit_unlearn.ops as ops
+from conftest import requires_cuda
 from jit_unlearn import _backend, torch_ops
-
 
 
 def _has_compiled(op: str, key: str = "CPU") -> bool:

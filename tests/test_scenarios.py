@@ -4,9 +4,19 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from jit_unlearn import data, models
-from jit_unlearn.eval import (Recipe, Relabeled, Splits, accuracy, dataset_labels, full_class, random_subset,
-                              retrain, sub_class, train, train_test_split)
-
+from jit_unlearn.eval import (
+    Recipe,
+    Relabeled,
+    Splits,
+    accuracy,
+    dataset_labels,
+    full_class,
+    random_subset,
+    retrain,
+    sub_class,
+    train,
+    train_test_split,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,7 +16,6 @@ from jit_unlearn.data import digits
 from jit_unlearn.importance import Importances, importances
 from jit_unlearn.models import MLP, SmallCNN
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -4,7 +4,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from jit_unlearn._utils import ModelState, _plain_tensor_loader, iter_batches, module_mode, restore_on_failure, split_rows
+from jit_unlearn._utils import (
+    ModelState,
+    _plain_tensor_loader,
+    iter_batches,
+    module_mode,
+    restore_on_failure,
+    split_rows,
+)
 
 
 def _same_batches(got, want):

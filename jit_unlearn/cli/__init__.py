@@ -5,8 +5,8 @@ plot, commands.py holds the subcommands and `main`.  How the demo's settings wer
 docs/TUNING.md.
 """
 
-from .commands import COMMANDS, EXIT_USER_ERROR, Command, demo_experiment, main, register
-from .config import CONFIG_EXAMPLE, Experiment, MethodSpec, UserError, parse_config, read_config
+from .commands import COMMANDS, CONFIG_EXAMPLE, EXIT_USER_ERROR, Command, demo_experiment, main, register
+from .config import Experiment, MethodSpec, UserError, parse_config, read_config
 from .experiment import run_experiment
 from .report import format_table, write_plot
 

@@ -35,41 +35,6 @@ DATASETS = ("mnist", "digits", "synthetic_cifar", "cifar10", "cifar100")
 MODELS = ("mlp", "small_cnn", "convnet", "resnet18")
 DEFAULT_TEST_FRACTION = 0.2
 
-CONFIG_EXAMPLE = """example config (TOML; the same keys work in JSON):
-
-  seed = 0                      # splits, training, methods, MIA folds
-  device = "auto"               # cpu | cuda | cuda:N | auto
-  out = "runs/cifar10_class0"   # results.json, results.png, original.pt
-  retrain = true                # also train the retrain-from-scratch baseline
-
-  [dataset]
-  name = "cifar10"              # mnist | digits | synthetic_cifar | cifar10 | cifar100
-  root = "/data"                # cifar: the folder holding cifar-10-batches-py / cifar-100-python
-  # kwargs = { ... }            # passed to jit_unlearn.data.load; test_fraction = 0.2 for the
-                                # one-split sets (mnist, digits, synthetic_cifar)
-  [model]
-  name = "resnet18"             # mlp | small_cnn | convnet | resnet18
-  kwargs = { num_classes = 10 }
-  checkpoint = "resnet18.pt"    # a state_dict, loaded with weights_only=True; omit to train one
-
-  [train]                       # the recipe for the original (no checkpoint) and the retrain
-  epochs = 30
-  lr = 0.1
-  batch_size = 128              # optimizer = "sgd" | "adam", momentum, weight_decay,
-                                # schedule = "cosine" | "constant", label_smoothing, seed
-  [scenario]
-  kind = "full_class"           # full_class: class = 0 (or a list) | random: fraction = 0.1 |
-  class = 0                     # sub_class: fine_class = 69, coarse_of = [...] (cifar100: optional)
-
-  [[methods]]                   # any number; every key but name/label is a keyword argument
-  name = "jit"                  # jit | ssd | lf_ssd | assd | del
-  sigma = 0.5
-  lr = 3e-4
-
-  [[methods]]
-  name = "ssd"
-  alpha = 10.0
-"""
 
 
 class UserError(Exception):
@@ -300,7 +265,8 @@ class ScenarioSection(_Section):
             _required(table, "fine_class", "a fine class label (int)")
             if "coarse_of" not in table and dataset != "cifar100":
                 raise ValueError(
-                    f"coarse_of: missing; needed for sub_class on {dataset} (only cifar100 carries its own coarse labels)"
+                    f"coarse_of: missing; needed for sub_class on {dataset} "
+                    "(only cifar100 carries its own coarse labels)"
                 )
         else:
             _required(table, "fraction", "a number in (0, 1)")

@@ -176,7 +176,8 @@ def run_default(
                 optimizer.step()
                 if not kernels.all_finite(updated):
                     raise FloatingPointError(
-                        f"optimizer: step {steps + 1} wrote non-finite values into the parameters; the model was restored"
+                        f"optimizer: step {steps + 1} wrote non-finite values into the parameters; "
+                        "the model was restored"
                     )
             steps, samples = steps + 1, samples + b
     for p in params:
