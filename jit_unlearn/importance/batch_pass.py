@@ -41,8 +41,8 @@ def batch_pass(model, batches, acc: dict[str, torch.Tensor], kind: str, show: bo
     device = model_device(model)
     accumulate, checked = _backend.kernel("accumulate_importance_", device), False
     batches_seen = num_samples = 0
-    # The gradients come from backward(inputs=params) into .grad (on CPU it runs ~9 % faster on a
-    # ResNet-18 than autograd.grad); the caller's .grad fields are set aside and put back.
+    # The gradients come from backward(inputs=params) into .grad (faster on CPU than autograd.grad:
+    # docs/TUNING.md); the caller's .grad fields are set aside and put back.
     callers_grads = [p.grad for p in params]
     try:
         for batch in progress_bar(iter_batches(batches), enabled=show, desc=f"importances ({name})",
