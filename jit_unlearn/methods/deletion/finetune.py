@@ -34,6 +34,9 @@ OBJECTIVES = ("finetune", "neggrad_plus", "relabel")
 
 @dataclass
 class FinetuneReport:
+    """What a masked fine-tuning run did: objective, epochs, optimizer steps, the entries allowed to
+    change, the mean loss of the last epoch (None without steps) and wall seconds."""
+
     objective: str
     epochs: int
     steps: int

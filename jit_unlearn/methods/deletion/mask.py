@@ -67,6 +67,7 @@ class Mask(Mapping):
         return {n: self.fraction(n) for n in self._masks}
 
     def to(self, device: torch.device | str) -> Mask:
+        """A copy with every tensor on `device`."""
         return Mask({n: m.to(device) for n, m in self._masks.items()})
 
     def check(self, model: nn.Module) -> None:
@@ -82,6 +83,7 @@ class Mask(Mapping):
                                  f"{tuple(params[n].shape)}")
 
     def save(self, path) -> None:
+        """Write the masks (on the CPU) to `path` with torch.save, in a format `load` checks."""
         torch.save({"format": _MASK_FORMAT, "version": 1,
                     "masks": {n: m.cpu() for n, m in self._masks.items()}}, path)
 

@@ -22,6 +22,9 @@ __all__ = ["del_unlearn", "DELReport"]
 
 @dataclass
 class DELReport:
+    """What a `del_unlearn` call did: the mask and its statistics, the fine-tuning run, and the
+    seconds of each phase (`seconds` is their sum)."""
+
     mask: Mask
     fraction: float                        # selected fraction of all scored parameters
     layer_fractions: dict[str, float]
@@ -41,6 +44,7 @@ class DELReport:
 
 
 def _last_linear(model: nn.Module) -> str:
+    """Name of the model's last nn.Linear module (the default classifier head)."""
     name = None
     for n, m in model.named_modules():
         if isinstance(m, nn.Linear):
@@ -119,8 +123,7 @@ def del_unlearn(model: nn.Module, forget, retain, *, init, budget: float = 0.3, 
         checks.real(top_fraction, "top_fraction", low=0.0, high=1.0, low_open=True)
     check_finetune_args(lr, epochs, momentum, weight_decay, 0.0, seed, "finetune")
     checks.integer(batch_size, "batch_size", low=1)
-    if not isinstance(head_trainable, bool):
-        raise TypeError(f"head_trainable: expected a bool, got {type(head_trainable).__name__}")
+    checks.boolean(head_trainable, "head_trainable")
     state = _init_state(init, model, seed)
     head_name = (head if head is not None else _last_linear(model)) if head_trainable else None
     head_names = head_parameter_names(model, head_name)
