@@ -1,6 +1,7 @@
 """The compiled library of jit_unlearn, jit_unlearn/_C (C++ CPU kernels, plus CUDA kernels when a GPU
 is visible or FORCE_CUDA=1); everything else about the package is in pyproject.toml.  Compile-only
 CUDA builds need CUDA_HOME and TORCH_CUDA_ARCH_LIST; JIT_UNLEARN_NO_EXTENSION=1 builds none."""
+
 import glob
 import os
 import sys

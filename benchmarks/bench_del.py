@@ -3,6 +3,7 @@ end to end against a copy-restore masked fine-tune and plain retraining.
 
 Run: python -m pytest benchmarks/bench_del.py --benchmark-only --benchmark-min-rounds=3
 """
+
 import math
 
 import pytest
@@ -163,16 +164,22 @@ E2E = f"del: end to end, SmallCNN, MNIST 1800 retain / 200 forget, {EPOCHS} epoc
 def test_del_end_to_end(benchmark, mnist_case):
     state, forget, retain = mnist_case
     benchmark.group = E2E
-    benchmark.pedantic(lambda m: ju.del_unlearn(m, forget, retain, init=SmallCNN, lr=LR, epochs=EPOCHS,
-                                                batch_size=BATCH, progress=False),
-                       setup=lambda: ((_fresh(state),), {}), rounds=3, iterations=1)
+    benchmark.pedantic(
+        lambda m: ju.del_unlearn(
+            m, forget, retain, init=SmallCNN, lr=LR, epochs=EPOCHS, batch_size=BATCH, progress=False
+        ),
+        setup=lambda: ((_fresh(state),), {}),
+        rounds=3,
+        iterations=1,
+    )
 
 
 def test_del_copy_restore_baseline(benchmark, mnist_case):
     state, forget, retain = mnist_case
     benchmark.group = E2E
-    benchmark.pedantic(lambda m: copy_restore_del(m, forget, retain), setup=lambda: ((_fresh(state),), {}),
-                       rounds=3, iterations=1)
+    benchmark.pedantic(
+        lambda m: copy_restore_del(m, forget, retain), setup=lambda: ((_fresh(state),), {}), rounds=3, iterations=1
+    )
 
 
 def test_retrain_same_epochs(benchmark, mnist_case):

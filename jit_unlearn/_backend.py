@@ -83,7 +83,9 @@ def load_library(path: str | os.PathLike) -> None:
     if _library_path is not None:
         if path == _library_path:
             return
-        raise RuntimeError(f"path: a jit_unlearn library is loaded already, from {_library_path}; one process holds one")
+        raise RuntimeError(
+            f"path: a jit_unlearn library is loaded already, from {_library_path}; one process holds one"
+        )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: no such file: {path}")
     torch.ops.load_library(path)

@@ -1,4 +1,5 @@
 """A small supervised training loop (cross-entropy, SGD or Adam) shared by the retrain baseline and the CLI."""
+
 from __future__ import annotations
 
 import dataclasses

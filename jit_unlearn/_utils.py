@@ -1,5 +1,6 @@
 """Helpers shared by every method: reading batches out of any data source, restoring a model on
 failure, switching train/eval mode temporarily, and progress bars."""
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,14 @@ from . import _checks as checks
 DEFAULT_BATCH_SIZE = 128
 
 
-def as_batches(data, batch_size: int | None = None, *, name: str = "data", shuffle: bool = False,
-               generator: torch.Generator | None = None) -> Iterable:
+def as_batches(
+    data,
+    batch_size: int | None = None,
+    *,
+    name: str = "data",
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+) -> Iterable:
     """An iterable of batches from a DataLoader (used as is), a Dataset, or a tensor.
 
     A tensor is one sample per row: it is split into batches of `batch_size` (default: the whole
@@ -50,17 +57,22 @@ def iter_batches(batches: Iterable) -> Iterator:
     tensors, size = batches.dataset.tensors, batches.batch_size
     rows = tensors[0].shape[0]
     stop = rows - rows % size if batches.drop_last else rows
-    return ([t[i:i + size].clone() for t in tensors] for i in range(0, stop, size))
+    return ([t[i : i + size].clone() for t in tensors] for i in range(0, stop, size))
 
 
 def _plain_tensor_loader(batches) -> bool:
     from torch.utils.data import BatchSampler, SequentialSampler
     from torch.utils.data._utils.collate import default_collate
 
-    return (type(batches) is DataLoader and type(batches.dataset) is TensorDataset
-            and batches.batch_size is not None and type(batches.sampler) is SequentialSampler
-            and type(batches.batch_sampler) is BatchSampler and batches.collate_fn is default_collate
-            and not batches.pin_memory)
+    return (
+        type(batches) is DataLoader
+        and type(batches.dataset) is TensorDataset
+        and batches.batch_size is not None
+        and type(batches.sampler) is SequentialSampler
+        and type(batches.batch_sampler) is BatchSampler
+        and batches.collate_fn is default_collate
+        and not batches.pin_memory
+    )
 
 
 def split_rows(data, batch_size: int | None = None, *, name: str = "data") -> tuple[torch.Tensor, ...]:
@@ -150,8 +162,9 @@ def check_logits(out, batch_size: int, *, name: str = "model") -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name}: must return a [B, K] tensor of logits, returned {type(out).__name__}")
     if out.dim() != 2 or out.shape[0] != batch_size:
-        raise ValueError(f"{name}: must return a [B, K] tensor of logits with B={batch_size}, "
-                         f"returned shape {tuple(out.shape)}")
+        raise ValueError(
+            f"{name}: must return a [B, K] tensor of logits with B={batch_size}, returned shape {tuple(out.shape)}"
+        )
     return out
 
 

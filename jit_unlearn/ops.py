@@ -6,6 +6,7 @@ arithmetic inside; non-contiguous inputs are handled (made contiguous); empty te
 Bad shapes, dtypes, devices or values raise ValueError / TypeError naming the argument.
 Other tools may also call the compiled ops directly as ``torch.ops.jit_unlearn.<name>``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -16,10 +17,19 @@ from . import _backend
 from . import _checks as checks
 from .torch_ops import opmath_dtype
 
-__all__ = ["perturb", "lipschitz_ratio", "lipschitz_ratio_backward", "accumulate_importance_", "ssd_dampen_", "masked_reset_"]
+__all__ = [
+    "perturb",
+    "lipschitz_ratio",
+    "lipschitz_ratio_backward",
+    "accumulate_importance_",
+    "ssd_dampen_",
+    "masked_reset_",
+]
 
-def perturb(x: torch.Tensor, num_samples: int, sigma: float, seed: int = 0, offset: int = 0,
-            clamp: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+
+def perturb(
+    x: torch.Tensor, num_samples: int, sigma: float, seed: int = 0, offset: int = 0, clamp: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw `num_samples` Gaussian perturbations of a batch and their per-sample input norms.
 
     Args:
@@ -53,11 +63,13 @@ def _check_lipschitz_args(out, out_perturbed, in_norm) -> None:
     if out.dim() != 2:
         raise ValueError(f"out: expected shape [B, K], got {tuple(out.shape)}")
     if out_perturbed.dim() != 3 or out_perturbed.shape[1:] != out.shape:
-        raise ValueError(f"out_perturbed: expected shape [N, {out.shape[0]}, {out.shape[1]}], "
-                         f"got {tuple(out_perturbed.shape)}")
+        raise ValueError(
+            f"out_perturbed: expected shape [N, {out.shape[0]}, {out.shape[1]}], got {tuple(out_perturbed.shape)}"
+        )
     if in_norm.shape != out_perturbed.shape[:2]:
-        raise ValueError(f"in_norm: expected shape [{out_perturbed.shape[0]}, {out.shape[0]}], "
-                         f"got {tuple(in_norm.shape)}")
+        raise ValueError(
+            f"in_norm: expected shape [{out_perturbed.shape[0]}, {out.shape[0]}], got {tuple(in_norm.shape)}"
+        )
     if out_perturbed.dtype != out.dtype:
         raise TypeError(f"out_perturbed: expected dtype {out.dtype} (same as out), got {out_perturbed.dtype}")
     checks.same_device([(out_perturbed, "out_perturbed"), (in_norm, "in_norm")], out.device)
@@ -79,8 +91,9 @@ def lipschitz_ratio(out: torch.Tensor, out_perturbed: torch.Tensor, in_norm: tor
     return _backend.kernel("lipschitz_ratio", out.device)(out, out_perturbed, in_norm)
 
 
-def lipschitz_ratio_backward(grad: torch.Tensor, out: torch.Tensor, out_perturbed: torch.Tensor,
-                             in_norm: torch.Tensor) -> torch.Tensor:
+def lipschitz_ratio_backward(
+    grad: torch.Tensor, out: torch.Tensor, out_perturbed: torch.Tensor, in_norm: torch.Tensor
+) -> torch.Tensor:
     """The gradient of sum(grad * lipschitz_ratio(out, out_perturbed, in_norm)) w.r.t. `out`.
 
     What autograd computes for `lipschitz_ratio`, without building a graph: callers that hold the
@@ -119,8 +132,9 @@ def _run_inplace(targets: Sequence[torch.Tensor], run):
     return result
 
 
-def accumulate_importance_(acc: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], mode: str = "square",
-                           scale: float = 1.0) -> None:
+def accumulate_importance_(
+    acc: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], mode: str = "square", scale: float = 1.0
+) -> None:
     """In place, for every i: acc[i] += scale * grads[i]**2 (mode "square") or scale * |grads[i]| ("abs").
 
     acc[i] are floating tensors (any of the four dtypes); grads[i] floating tensors of the same shape
@@ -134,9 +148,14 @@ def accumulate_importance_(acc: Sequence[torch.Tensor], grads: Sequence[torch.Te
     _run_inplace(acc, lambda a: accumulate(a, list(grads), mode, scale))
 
 
-def ssd_dampen_(params: Sequence[torch.Tensor], imp_forget: Sequence[torch.Tensor],
-                imp_full: Sequence[torch.Tensor], alpha: float, lam: float = 1.0,
-                exponent: float = 1.0) -> torch.Tensor:
+def ssd_dampen_(
+    params: Sequence[torch.Tensor],
+    imp_forget: Sequence[torch.Tensor],
+    imp_full: Sequence[torch.Tensor],
+    alpha: float,
+    lam: float = 1.0,
+    exponent: float = 1.0,
+) -> torch.Tensor:
     """SSD dampening of every tensor in one call (docs/METHODS.md §2), in place.
 
     Per element: if I_f > alpha * I_D then theta *= min(((lam * I_D) / I_f) ** exponent, 1).
@@ -158,8 +177,7 @@ def ssd_dampen_(params: Sequence[torch.Tensor], imp_forget: Sequence[torch.Tenso
     return _run_inplace(params, lambda p: dampen(p, list(imp_forget), list(imp_full), alpha, lam, exponent))
 
 
-def masked_reset_(params: Sequence[torch.Tensor], init: Sequence[torch.Tensor],
-                  masks: Sequence[torch.Tensor]) -> None:
+def masked_reset_(params: Sequence[torch.Tensor], init: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> None:
     """In place, for every i: params[i] = where(masks[i], init[i], params[i]).
 
     masks[i] must be torch.bool tensors of params[i]'s shape; init[i] floating, same shape."""

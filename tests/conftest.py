@@ -1,4 +1,5 @@
 """Shared test configuration and helpers (import them with `from conftest import ...`)."""
+
 import os
 
 import pytest

@@ -1,5 +1,6 @@
 """The tier machinery: which backend runs, forcing the fallback, working without the extension,
 and the build promises (CUDA compiled in when requested, the CMake build registers the ops)."""
+
 import os
 import shutil
 import subprocess
@@ -13,8 +14,16 @@ import jit_unlearn
 from conftest import ROOT, subprocess_env
 from jit_unlearn import _backend
 
-OPS = ("perturb", "_perturb_out", "lipschitz_ratio", "_lipschitz_ratio_backward", "_lipschitz_ratio_and_grad",
-       "accumulate_importance_", "ssd_dampen_", "masked_reset_")
+OPS = (
+    "perturb",
+    "_perturb_out",
+    "lipschitz_ratio",
+    "_lipschitz_ratio_backward",
+    "_lipschitz_ratio_and_grad",
+    "accumulate_importance_",
+    "ssd_dampen_",
+    "masked_reset_",
+)
 
 
 def _run(code: str, env_extra: dict | None = None, root: str = ROOT) -> subprocess.CompletedProcess:
@@ -23,23 +32,26 @@ def _run(code: str, env_extra: dict | None = None, root: str = ROOT) -> subproce
     env.pop("JIT_UNLEARN_BACKEND", None)
     env.pop("JIT_UNLEARN_LIBRARY", None)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
-                          text=True, timeout=120, cwd=root)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=120, cwd=root
+    )
 
 
 @pytest.fixture
 def pure_package(tmp_path):
     """A copy of the package without its compiled library, as `JIT_UNLEARN_NO_EXTENSION=1` installs it;
     returns the folder to put on the path."""
-    shutil.copytree(os.path.join(ROOT, "jit_unlearn"), tmp_path / "jit_unlearn",
-                    ignore=shutil.ignore_patterns("_C*", "__pycache__", "*.gz"))
+    shutil.copytree(
+        os.path.join(ROOT, "jit_unlearn"),
+        tmp_path / "jit_unlearn",
+        ignore=shutil.ignore_patterns("_C*", "__pycache__", "*.gz"),
+    )
     return str(tmp_path)
 
 
 def test_backend_info_reports_tiers():
     info = jit_unlearn.backend_info()
-    assert set(info) >= {"extension_loaded", "compiled_cpu", "compiled_cuda", "cuda_available", "requested",
-                         "active"}
+    assert set(info) >= {"extension_loaded", "compiled_cpu", "compiled_cuda", "cuda_available", "requested", "active"}
     assert info["active"]["cpu"] == ("cpu" if info["compiled_cpu"] else "torch")
     if not torch.cuda.is_available():
         assert info["active"]["cuda"] is None
@@ -57,19 +69,23 @@ def test_force_backend_torch_and_back():
 
 
 def test_env_variable_forces_fallback():
-    res = _run("""
+    res = _run(
+        """
         import jit_unlearn, torch
         print(jit_unlearn.backend_info()["active"]["cpu"])
         x_t, n = jit_unlearn.ops.perturb(torch.ones(2, 3), 2, 0.1, seed=1)
         print(tuple(x_t.shape), tuple(n.shape))
-    """, {"JIT_UNLEARN_BACKEND": "torch"})
+    """,
+        {"JIT_UNLEARN_BACKEND": "torch"},
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[:2] == ["torch", "(2, 2, 3) (2, 2)"]
 
 
 def test_package_works_without_extension(pure_package):
     """No compiled library next to the package: every op must still run, on the pure-PyTorch tier."""
-    res = _run("""
+    res = _run(
+        """
         import torch, jit_unlearn
         from jit_unlearn import ops
         info = jit_unlearn.backend_info()
@@ -84,7 +100,9 @@ def test_package_works_without_extension(pure_package):
         c = ops.ssd_dampen_(p, [torch.tensor([1.0, 0.0, 4.0])], [torch.tensor([0.5, 1.0, 0.0])], 1.0, 1.0, 1.0)
         ops.masked_reset_(p, [torch.zeros(3)], [torch.tensor([True, False, False])])
         print(acc[0].tolist(), c.tolist(), p[0].tolist(), bool(torch.isfinite(out.grad).all()))
-    """, root=pure_package)
+    """,
+        root=pure_package,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "[4.0, 4.0, 4.0, 4.0] [2] [0.0, 1.0, 0.0] True"
 
@@ -126,7 +144,8 @@ def test_cmake_build_registers_the_same_ops(pure_package):
     FORCE_CUDA=1), computes what the pure-PyTorch tier computes, and gets the fakes and autograd of
     the setup.py build: lipschitz_ratio's backward matches autograd through torch_ops, and opcheck
     passes."""
-    res = _run(f"""
+    res = _run(
+        f"""
         import os, torch
         import jit_unlearn
         from jit_unlearn import _backend, torch_ops
@@ -164,7 +183,9 @@ def test_cmake_build_registers_the_same_ops(pure_package):
         else:
             raise AssertionError("a second library loaded")
         print("ok")
-    """, root=pure_package)
+    """,
+        root=pure_package,
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "ok"
 
@@ -172,7 +193,8 @@ def test_cmake_build_registers_the_same_ops(pure_package):
 @pytest.mark.skipif(not CMAKE_LIB, reason="no CMake-built library given")
 def test_library_named_in_the_environment_replaces_the_package_one():
     """JIT_UNLEARN_LIBRARY loads another build (here CMake's) at import, in place of the package's own."""
-    res = _run("""
+    res = _run(
+        """
         import torch, jit_unlearn
         from jit_unlearn import torch_ops
         print(jit_unlearn.backend_info()["library"])
@@ -181,6 +203,8 @@ def test_library_named_in_the_environment_replaces_the_package_one():
         jit_unlearn.ops.lipschitz_ratio(out, pert, norm).sum().backward()
         want = torch_ops.lipschitz_ratio_backward(torch.ones(2, 3), out.detach(), pert, norm, False)[0]
         torch.testing.assert_close(out.grad, want)
-    """, {"JIT_UNLEARN_LIBRARY": CMAKE_LIB})
+    """,
+        {"JIT_UNLEARN_LIBRARY": CMAKE_LIB},
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == os.path.realpath(CMAKE_LIB)

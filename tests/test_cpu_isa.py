@@ -3,6 +3,7 @@
 Each variant runs in a subprocess with ATEN_CPU_CAPABILITY capping the level (ATen caps it further
 to what the CPU has, so on a machine without AVX-512 two runs use the AVX2 copy); every output of
 perturb and of the Lipschitz forward and backward must match the baseline copy bit for bit."""
+
 import subprocess
 import sys
 import textwrap
@@ -67,13 +68,19 @@ torch.save(results, sys.argv[1])
 def _run_variant(capability: str, path: str) -> dict:
     env = subprocess_env(ATEN_CPU_CAPABILITY=capability)
     env.pop("JIT_UNLEARN_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_CHILD), path], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_CHILD), path], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return torch.load(path, weights_only=True)
 
 
-_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_BITS = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -1,5 +1,6 @@
 """Tests of lipschitz_ratio, _lipschitz_ratio_backward and _lipschitz_ratio_and_grad: compiled kernels,
 pure-PyTorch tier, autograd."""
+
 import os
 import subprocess
 import sys
@@ -16,7 +17,8 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1, 1), (3, 5, 7), (2, 4, 8), (2, 4, 16), (4, 3, 33), (25, 16, 100), (6, 2, 257)]
 
 HAS_COMPILED_CPU = _backend.extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "jit_unlearn::lipschitz_ratio", "CPU")
+    "jit_unlearn::lipschitz_ratio", "CPU"
+)
 requires_compiled = pytest.mark.skipif(not HAS_COMPILED_CPU, reason="compiled CPU kernels not built")
 
 
@@ -123,10 +125,12 @@ def test_baseline_isa_path_agrees_bitwise(tmp_path):
         cases.append((out, pert, in_norm, torch.randn(5, 7, dtype=torch_ops.opmath_dtype(dtype))))
     torch.save(cases, tmp_path / "cases.pt")
     root = os.path.dirname(os.path.dirname(os.path.abspath(jit_unlearn.__file__)))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "cases.pt"), str(tmp_path / "base.pt")],
-                   env=env, check=True)
+    env = dict(
+        os.environ, ATEN_CPU_CAPABILITY="default", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    )
+    subprocess.run(
+        [sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "cases.pt"), str(tmp_path / "base.pt")], env=env, check=True
+    )
     for (out, pert, in_norm, grad), base in zip(cases, torch.load(tmp_path / "base.pt")):
         here = (_fwd(out, pert, in_norm), *_bwd(grad, out, pert, in_norm, True))
         for x, y in zip(here, base):
@@ -141,8 +145,10 @@ def test_in_norm_any_float_dtype(norm_dtype):
     assert ratio.dtype == torch.float32
     torch.testing.assert_close(ratio, torch_ops.lipschitz_ratio(out, out_perturbed, in_norm))
     grad = torch.ones_like(ratio)
-    for got, want in zip(_bwd(grad, out, out_perturbed, in_norm, True),
-                         torch_ops.lipschitz_ratio_backward(grad, out, out_perturbed, in_norm, True)):
+    for got, want in zip(
+        _bwd(grad, out, out_perturbed, in_norm, True),
+        torch_ops.lipschitz_ratio_backward(grad, out, out_perturbed, in_norm, True),
+    ):
         torch.testing.assert_close(got, want)
 
 
@@ -155,8 +161,9 @@ def test_ops_match_independent_maths(backend, dtype):
     ratio = ops.lipschitz_ratio(out, out_perturbed, in_norm)
     grad = torch.randn(ratio.shape, generator=torch.Generator().manual_seed(2), dtype=ratio.dtype)
     ratio.backward(grad)
-    want_ratio, want_out, want_pert, want_norm = _independent(out.detach(), out_perturbed.detach(),
-                                                              in_norm.detach(), grad)
+    want_ratio, want_out, want_pert, want_norm = _independent(
+        out.detach(), out_perturbed.detach(), in_norm.detach(), grad
+    )
     tol = _tol(dtype)
     torch.testing.assert_close(ratio.detach(), want_ratio.to(dtype), **tol)
     torch.testing.assert_close(out.grad, want_out.to(dtype), **tol)
@@ -167,8 +174,7 @@ def test_ops_match_independent_maths(backend, dtype):
 def _triangles(dtype):
     """3-4-5 and 6-8-10 triangles; b = 1 has a zero difference (n = 0) and a zero in_norm (n = 1)."""
     out = torch.tensor([[3.0, 4.0], [1.0, 1.0]], dtype=dtype)
-    out_perturbed = torch.tensor([[[0.0, 0.0], [1.0, 1.0]],
-                                  [[-3.0, -4.0], [7.0, 9.0]]], dtype=dtype)
+    out_perturbed = torch.tensor([[[0.0, 0.0], [1.0, 1.0]], [[-3.0, -4.0], [7.0, 9.0]]], dtype=dtype)
     in_norm = torch.tensor([[2.0, 1.0], [4.0, 0.0]], dtype=dtype)
     return out, out_perturbed, in_norm
 
@@ -178,8 +184,9 @@ def _check_triangles(ratio, grad_out, grad_pert, grad_norm, dtype):
     torch.testing.assert_close(ratio, torch.tensor([[2.5, 0.0], [2.5, 0.0]], dtype=ratio.dtype), rtol=0, atol=0)
     # d/d out_0 = (3, 4) / (5 * 2) + (6, 8) / (10 * 4); out_1 gets nothing.
     torch.testing.assert_close(grad_out, torch.tensor([[0.45, 0.6], [0.0, 0.0]], dtype=dtype))
-    torch.testing.assert_close(grad_pert, torch.tensor([[[-0.3, -0.4], [0.0, 0.0]],
-                                                        [[-0.15, -0.2], [0.0, 0.0]]], dtype=dtype))
+    torch.testing.assert_close(
+        grad_pert, torch.tensor([[[-0.3, -0.4], [0.0, 0.0]], [[-0.15, -0.2], [0.0, 0.0]]], dtype=dtype)
+    )
     # d/d in_norm = -ratio / in_norm, 0 where in_norm is 0.
     torch.testing.assert_close(grad_norm, torch.tensor([[-1.25, 0.0], [-0.625, 0.0]], dtype=dtype))
 
@@ -220,13 +227,16 @@ def test_public_backward_matches_hand_and_autograd(backend, dtype):
     torch.testing.assert_close(got, leaf.grad, **_tol(dtype))
 
 
-@pytest.mark.parametrize("bad,exc,name", [
-    ({"grad": torch.ones(3, 2)}, ValueError, "grad"),
-    ({"grad": torch.ones(2, 2, dtype=torch.int64)}, TypeError, "grad"),
-    ({"grad": "ones"}, TypeError, "grad"),
-    ({"out": torch.ones(2, 3)}, ValueError, "out_perturbed"),
-    ({"in_norm": torch.ones(2, 3)}, ValueError, "in_norm"),
-])
+@pytest.mark.parametrize(
+    "bad,exc,name",
+    [
+        ({"grad": torch.ones(3, 2)}, ValueError, "grad"),
+        ({"grad": torch.ones(2, 2, dtype=torch.int64)}, TypeError, "grad"),
+        ({"grad": "ones"}, TypeError, "grad"),
+        ({"out": torch.ones(2, 3)}, ValueError, "out_perturbed"),
+        ({"in_norm": torch.ones(2, 3)}, ValueError, "in_norm"),
+    ],
+)
 def test_public_backward_bad_arguments_name_the_argument(backend, bad, exc, name):
     out, out_perturbed, in_norm = _triangles(torch.float32)
     args = {"grad": torch.ones(2, 2), "out": out, "out_perturbed": out_perturbed, "in_norm": in_norm, **bad}
@@ -299,15 +309,19 @@ def test_opcheck(dtype):
     out, out_perturbed, in_norm = _inputs(3, 4, 18, dtype, seed=9)
     torch.library.opcheck(torch.ops.jit_unlearn.lipschitz_ratio.default, (out, out_perturbed, in_norm))
     if dtype in (torch.float32, torch.float64):
-        grad_args = (out.clone().requires_grad_(True), out_perturbed.clone().requires_grad_(True),
-                     in_norm.clone().requires_grad_(True))
+        grad_args = (
+            out.clone().requires_grad_(True),
+            out_perturbed.clone().requires_grad_(True),
+            in_norm.clone().requires_grad_(True),
+        )
         torch.library.opcheck(torch.ops.jit_unlearn.lipschitz_ratio.default, grad_args)
-        torch.library.opcheck(torch.ops.jit_unlearn.lipschitz_ratio.default,
-                              (grad_args[0], out_perturbed, in_norm))
+        torch.library.opcheck(torch.ops.jit_unlearn.lipschitz_ratio.default, (grad_args[0], out_perturbed, in_norm))
     grad = torch.randn(3, 4, dtype=torch_ops.opmath_dtype(dtype))
     for compute_perturbed_grad in (True, False):
-        torch.library.opcheck(torch.ops.jit_unlearn._lipschitz_ratio_backward.default,
-                              (grad, out, out_perturbed, in_norm, compute_perturbed_grad))
+        torch.library.opcheck(
+            torch.ops.jit_unlearn._lipschitz_ratio_backward.default,
+            (grad, out, out_perturbed, in_norm, compute_perturbed_grad),
+        )
 
 
 def _loss(out, out_perturbed, in_norm):
@@ -342,6 +356,7 @@ def test_torch_compile_fullgraph_compiled_op_both_grads():
         def compiler(gm, example_inputs):
             graphs[kind] = str(gm.code)
             return make_boxed_func(gm.forward)
+
         return compiler
 
     def loss(out, out_perturbed, in_norm):

@@ -1,5 +1,6 @@
 """Multi-tensor in-place ops (accumulate_importance_, ssd_dampen_, masked_reset_): compiled kernels against
 jit_unlearn.torch_ops and hand-computed values, opcheck, torch.compile, argument errors."""
+
 import math
 
 import pytest
@@ -16,13 +17,18 @@ def _has_compiled(op: str, key: str = "CPU") -> bool:
 
 requires_compiled = pytest.mark.skipif(
     not all(_has_compiled(op) for op in ("accumulate_importance_", "ssd_dampen_", "masked_reset_")),
-    reason="compiled CPU kernels of the multi-tensor ops not built")
+    reason="compiled CPU kernels of the multi-tensor ops not built",
+)
 
 # Sizes around the CPU block widths (8, 1024 elements) and the parallel grain (32768), plus empty tensors.
 SHAPES = [(0,), (1,), (7,), (8,), (33,), (1023,), (1025,), (3, 5, 7), (64, 3, 3, 3), (0, 4), (40_003,)]
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
-             torch.bfloat16: torch.int16}
+_INT_VIEW = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 
 
 def _op(name):
@@ -46,9 +52,11 @@ def _importances(shapes, dtype, gen, alpha, zero_frac=0.1, select_frac=0.2):
     for shape in shapes:
         d = torch.rand(shape, generator=gen, dtype=torch.float64)
         d[torch.rand(shape, generator=gen) < zero_frac] = 0
-        ratio = torch.where(torch.rand(shape, generator=gen) < select_frac,
-                            torch.rand(shape, generator=gen, dtype=torch.float64) * 4 + 1.01,
-                            torch.rand(shape, generator=gen, dtype=torch.float64) * 0.99)
+        ratio = torch.where(
+            torch.rand(shape, generator=gen) < select_frac,
+            torch.rand(shape, generator=gen, dtype=torch.float64) * 4 + 1.01,
+            torch.rand(shape, generator=gen, dtype=torch.float64) * 0.99,
+        )
         f = ratio * alpha * d + torch.rand(shape, generator=gen, dtype=torch.float64) * 1e-3
         f[torch.rand(shape, generator=gen) < zero_frac] = 0
         full.append(d.to(dtype))
@@ -67,6 +75,7 @@ def _clone(tensors):
 # --------------------------------------------------------------------------------------------------
 # ssd_dampen_
 # --------------------------------------------------------------------------------------------------
+
 
 @requires_compiled
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -180,13 +189,22 @@ def test_ssd_dampen_half_params_float_importances():
 # accumulate_importance_
 # --------------------------------------------------------------------------------------------------
 
+
 @requires_compiled
 @pytest.mark.parametrize("mode", ["square", "abs"])
 @pytest.mark.parametrize("scale", [1.0, 0.25, 1.0 / 3.0])
-@pytest.mark.parametrize("acc_dtype,grad_dtype", [
-    (torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float32, torch.float64),
-    (torch.float64, torch.float16), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
-    (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "acc_dtype,grad_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float64),
+        (torch.float64, torch.float16),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+    ],
+)
 def test_accumulate_importance_matches_torch_ops(mode, scale, acc_dtype, grad_dtype):
     gen = torch.Generator().manual_seed(5)
     acc = [t.abs() for t in _randn_list(SHAPES, acc_dtype, gen)]
@@ -223,10 +241,19 @@ def test_accumulate_importance_scale_one_is_published_update(dtype):
 # masked_reset_
 # --------------------------------------------------------------------------------------------------
 
+
 @requires_compiled
-@pytest.mark.parametrize("dtype,init_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
-                                              (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
-                                              (torch.float32, torch.float64), (torch.float16, torch.float32)])
+@pytest.mark.parametrize(
+    "dtype,init_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.float64),
+        (torch.float16, torch.float32),
+    ],
+)
 def test_masked_reset_matches_where(dtype, init_dtype):
     gen = torch.Generator().manual_seed(7)
     params = _randn_list(SHAPES, dtype, gen)
@@ -244,6 +271,7 @@ def test_masked_reset_matches_where(dtype, init_dtype):
 # --------------------------------------------------------------------------------------------------
 # public API (both tiers), opcheck, torch.compile
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("tier", ["compiled", "torch"])
 def test_public_ops_agree_across_tiers(tier):
@@ -319,6 +347,7 @@ def test_torch_compile_fullgraph_keeps_list_mutations(compile_backend):
 # bad arguments: errors name the argument, and nothing is written
 # --------------------------------------------------------------------------------------------------
 
+
 def _ssd_args():
     params = [torch.ones(3, 4), torch.ones(5)]
     return params, [torch.full((3, 4), 9.0), torch.full((5,), 9.0)], [torch.ones(3, 4), torch.ones(5)]
@@ -357,7 +386,15 @@ def _bad_reset_cases():
     p, i, m = [torch.zeros(3), torch.zeros(4)], [torch.ones(3), torch.ones(4)], [torch.ones(3, dtype=torch.bool)] * 2
     m = [m[0], torch.ones(4, dtype=torch.bool)]
     return [
-        ((p, i[:1], m, ), ValueError, r"init"),
+        (
+            (
+                p,
+                i[:1],
+                m,
+            ),
+            ValueError,
+            r"init",
+        ),
         ((p, i, m + m), ValueError, r"masks"),
         ((p, i, [m[0], torch.ones(4)]), TypeError, r"masks\[1\]"),
         ((p, i, [m[0], torch.ones(5, dtype=torch.bool)]), ValueError, r"masks\[1\]"),
@@ -366,9 +403,11 @@ def _bad_reset_cases():
     ]
 
 
-_BAD = [("ssd_dampen_", c) for c in _bad_ssd_cases()] + \
-       [("accumulate_importance_", c) for c in _bad_accumulate_cases()] + \
-       [("masked_reset_", c) for c in _bad_reset_cases()]
+_BAD = (
+    [("ssd_dampen_", c) for c in _bad_ssd_cases()]
+    + [("accumulate_importance_", c) for c in _bad_accumulate_cases()]
+    + [("masked_reset_", c) for c in _bad_reset_cases()]
+)
 
 
 @pytest.mark.parametrize("via", ["ops", "torch.ops"])
@@ -440,6 +479,7 @@ def test_device_mismatch_names_the_argument():
 # --------------------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU)
 # --------------------------------------------------------------------------------------------------
+
 
 @requires_cuda
 @pytest.mark.skipif(not _has_compiled("ssd_dampen_", "CUDA"), reason="CUDA kernels not built")

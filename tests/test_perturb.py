@@ -1,4 +1,5 @@
 """Tests of the perturb op: Philox known answers, compiled vs pure PyTorch, noise statistics, edge cases."""
+
 import math
 
 import numpy as np
@@ -18,8 +19,11 @@ MASK32 = 0xFFFFFFFF
 PHILOX_KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((MASK32,) * 4, (MASK32,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -58,6 +62,7 @@ def norm_tolerance(dtype):
 
 # --- the generator -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("ctr,key,expected", PHILOX_KAT)
 def test_philox_known_answers(ctr, key, expected):
     assert philox_python(ctr, key) == expected
@@ -79,12 +84,20 @@ def test_normal_transform_is_box_muller():
     words = [w.double() for w in torch_ops.philox4x32(torch.arange(groups), seed, offset)]
     u = [(torch.floor(w / 512) * 2 + 1) / 2**24 for w in words]
     rad01, rad23 = torch.sqrt(-2 * torch.log(u[0])), torch.sqrt(-2 * torch.log(u[2]))
-    expected = torch.stack([rad01 * torch.cos(2 * math.pi * u[1]), rad01 * torch.sin(2 * math.pi * u[1]),
-                            rad23 * torch.cos(2 * math.pi * u[3]), rad23 * torch.sin(2 * math.pi * u[3])], dim=1)
+    expected = torch.stack(
+        [
+            rad01 * torch.cos(2 * math.pi * u[1]),
+            rad01 * torch.sin(2 * math.pi * u[1]),
+            rad23 * torch.cos(2 * math.pi * u[3]),
+            rad23 * torch.sin(2 * math.pi * u[3]),
+        ],
+        dim=1,
+    )
     torch.testing.assert_close(z, expected, rtol=0, atol=2e-6)
 
 
 # --- compiled vs pure PyTorch ------------------------------------------------------------------------
+
 
 @requires_compiled
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -117,8 +130,9 @@ def test_compiled_matches_torch_ops_image_batch():
 
 
 @requires_compiled
-@pytest.mark.parametrize("seed,offset", [(2**64 - 1, 2**64 - 1), (0x299F31D0A4093822, 0x0370734413198A2E),
-                                         (-5, 2**63 + 3)])
+@pytest.mark.parametrize(
+    "seed,offset", [(2**64 - 1, 2**64 - 1), (0x299F31D0A4093822, 0x0370734413198A2E), (-5, 2**63 + 3)]
+)
 def test_large_seed_and_offset(seed, offset):
     # ops maps [2^63, 2^64) onto int64 bit patterns; the kernel and torch_ops use the same uint64.
     x = torch.randn(3, 10)
@@ -141,6 +155,7 @@ def test_noise_is_torch_ops_philox_normal(backend):
 
 
 # --- semantics ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_in_norm_from_stored_x_tilde(backend, dtype):
@@ -202,8 +217,7 @@ def test_non_contiguous_input(backend, dtype):
         assert torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("shape,n", [((0, 3), 4), ((4, 0), 3), ((0,), 2), ((3, 2, 0, 5), 2), ((5, 3), 0),
-                                     ((0, 2), 0)])
+@pytest.mark.parametrize("shape,n", [((0, 3), 4), ((4, 0), 3), ((0,), 2), ((3, 2, 0, 5), 2), ((5, 3), 0), ((0, 2), 0)])
 @pytest.mark.parametrize("clamp", [True, False])
 def test_empty_inputs(backend, shape, n, clamp):
     x = torch.randn(shape)
@@ -221,6 +235,7 @@ def test_one_dimensional_batch(backend):
 
 
 # --- randomness --------------------------------------------------------------------------------------
+
 
 def test_same_seed_same_noise(backend):
     x = torch.randn(4, 3, 6)
@@ -279,19 +294,23 @@ def test_noise_statistics(seed):
 
 # --- errors ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,exc,name", [
-    ({"x": torch.ones(3, 2, dtype=torch.int64)}, TypeError, "x"),
-    ({"x": torch.tensor(1.0)}, ValueError, "x"),
-    ({"x": [1.0, 2.0]}, TypeError, "x"),
-    ({"num_samples": -1}, ValueError, "num_samples"),
-    ({"num_samples": 2.0}, TypeError, "num_samples"),
-    ({"sigma": -0.1}, ValueError, "sigma"),
-    ({"sigma": float("nan")}, ValueError, "sigma"),
-    ({"sigma": float("inf")}, ValueError, "sigma"),
-    ({"seed": 2**64}, ValueError, "seed"),
-    ({"offset": 1.5}, TypeError, "offset"),
-    ({"clamp": 1}, TypeError, "clamp"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,exc,name",
+    [
+        ({"x": torch.ones(3, 2, dtype=torch.int64)}, TypeError, "x"),
+        ({"x": torch.tensor(1.0)}, ValueError, "x"),
+        ({"x": [1.0, 2.0]}, TypeError, "x"),
+        ({"num_samples": -1}, ValueError, "num_samples"),
+        ({"num_samples": 2.0}, TypeError, "num_samples"),
+        ({"sigma": -0.1}, ValueError, "sigma"),
+        ({"sigma": float("nan")}, ValueError, "sigma"),
+        ({"sigma": float("inf")}, ValueError, "sigma"),
+        ({"seed": 2**64}, ValueError, "seed"),
+        ({"offset": 1.5}, TypeError, "offset"),
+        ({"clamp": 1}, TypeError, "clamp"),
+    ],
+)
 def test_bad_arguments_name_the_argument(backend, kwargs, exc, name):
     args = {"x": torch.ones(3, 2), "num_samples": 2, "sigma": 0.5, "seed": 0, "offset": 0, "clamp": True}
     args.update(kwargs)
@@ -300,14 +319,17 @@ def test_bad_arguments_name_the_argument(backend, kwargs, exc, name):
 
 
 @requires_compiled
-@pytest.mark.parametrize("args,exc,name", [
-    ((torch.ones(3, 2, dtype=torch.int32), 2, 0.5, 0, 0, True), TypeError, "x"),
-    ((torch.ones(3, 2, dtype=torch.complex64), 2, 0.5, 0, 0, True), TypeError, "x"),
-    ((torch.tensor(1.0), 2, 0.5, 0, 0, True), ValueError, "x"),
-    ((torch.ones(3, 2), -2, 0.5, 0, 0, True), ValueError, "num_samples"),
-    ((torch.ones(3, 2), 2, -1.0, 0, 0, True), ValueError, "sigma"),
-    ((torch.ones(3, 2), 2, float("nan"), 0, 0, True), ValueError, "sigma"),
-])
+@pytest.mark.parametrize(
+    "args,exc,name",
+    [
+        ((torch.ones(3, 2, dtype=torch.int32), 2, 0.5, 0, 0, True), TypeError, "x"),
+        ((torch.ones(3, 2, dtype=torch.complex64), 2, 0.5, 0, 0, True), TypeError, "x"),
+        ((torch.tensor(1.0), 2, 0.5, 0, 0, True), ValueError, "x"),
+        ((torch.ones(3, 2), -2, 0.5, 0, 0, True), ValueError, "num_samples"),
+        ((torch.ones(3, 2), 2, -1.0, 0, 0, True), ValueError, "sigma"),
+        ((torch.ones(3, 2), 2, float("nan"), 0, 0, True), ValueError, "sigma"),
+    ],
+)
 def test_compiled_op_errors_name_the_argument(args, exc, name):
     with pytest.raises(exc, match=name):
         torch.ops.jit_unlearn.perturb(*args)
@@ -315,10 +337,15 @@ def test_compiled_op_errors_name_the_argument(args, exc, name):
 
 # --- torch integration -------------------------------------------------------------------------------
 
+
 @requires_compiled
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_opcheck(dtype):
-    for x, n in ((torch.randn(4, 3, 5).to(dtype), 3), (torch.randn(2, 7).to(dtype), 1), (torch.randn(0, 3).to(dtype), 2)):
+    for x, n in (
+        (torch.randn(4, 3, 5).to(dtype), 3),
+        (torch.randn(2, 7).to(dtype), 1),
+        (torch.randn(0, 3).to(dtype), 2),
+    ):
         for clamp in (True, False):
             torch.library.opcheck(torch.ops.jit_unlearn.perturb.default, (x, n, 0.5, 3, 1, clamp))
 
@@ -350,6 +377,7 @@ def test_torch_compile_fullgraph_public_op():
 
 # --- _perturb_out (the caller's buffers) ---------------------------------------------------------------
 
+
 def _out_buffers(x, n):
     op = torch_ops.opmath_dtype(x.dtype)
     return torch.full((n, *x.shape), float("nan"), dtype=x.dtype), torch.full((n, x.shape[0]), float("nan"), dtype=op)
@@ -373,13 +401,16 @@ def test_perturb_out_equals_perturb(dtype, shape, n):
 
 
 @requires_compiled
-@pytest.mark.parametrize("bad,exc,name", [
-    ({"x_tilde": torch.empty(2, 4, 3)}, ValueError, "x_tilde"),
-    ({"x_tilde": torch.empty(3, 4, 3, dtype=torch.float64)}, TypeError, "x_tilde"),
-    ({"x_tilde": torch.empty(3, 3, 4).transpose(1, 2)}, ValueError, "contiguous"),
-    ({"in_norm": torch.empty(3, 5)}, ValueError, "in_norm"),
-    ({"in_norm": torch.empty(3, 4, dtype=torch.float64)}, TypeError, "in_norm"),
-])
+@pytest.mark.parametrize(
+    "bad,exc,name",
+    [
+        ({"x_tilde": torch.empty(2, 4, 3)}, ValueError, "x_tilde"),
+        ({"x_tilde": torch.empty(3, 4, 3, dtype=torch.float64)}, TypeError, "x_tilde"),
+        ({"x_tilde": torch.empty(3, 3, 4).transpose(1, 2)}, ValueError, "contiguous"),
+        ({"in_norm": torch.empty(3, 5)}, ValueError, "in_norm"),
+        ({"in_norm": torch.empty(3, 4, dtype=torch.float64)}, TypeError, "in_norm"),
+    ],
+)
 def test_perturb_out_errors_name_the_argument(bad, exc, name):
     args = {"x_tilde": torch.empty(3, 4, 3), "in_norm": torch.empty(3, 4), **bad}
     with pytest.raises(exc, match=name):
@@ -420,6 +451,7 @@ def test_perturb_out_cuda_matches_cpu(dtype):
 
 
 # --- CUDA --------------------------------------------------------------------------------------------
+
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,4 +1,5 @@
 """Scenario splits (disjoint, covering, seeded), labels, the training loop and the retrain baseline."""
+
 import pytest
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
@@ -150,8 +151,14 @@ def test_splits_summary():
 
 def test_recipe_validation():
     assert Recipe.from_mapping({"epochs": 2}, seed=5) == Recipe(epochs=2, seed=5)
-    for bad, key in (({"epochs": -1}, "epochs"), ({"lr": float("nan")}, "lr"), ({"optimizer": "rmsprop"}, "optimizer"),
-                     ({"batch_size": 0}, "batch_size"), ({"epoch": 3}, "epoch"), ({"seed": 1.5}, "seed")):
+    for bad, key in (
+        ({"epochs": -1}, "epochs"),
+        ({"lr": float("nan")}, "lr"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"epoch": 3}, "epoch"),
+        ({"seed": 1.5}, "seed"),
+    ):
         with pytest.raises(ValueError, match=f"^{key}:"):
             Recipe.from_mapping(bad)
 

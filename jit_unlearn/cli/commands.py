@@ -126,9 +126,7 @@ def demo_experiment(
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast", action="store_true", help="a tiny subset and budgets (seconds; for tests)")
-    parser.add_argument(
-        "--forget-class", type=int, default=DEMO_FORGET_CLASS, help="the digit to forget (default 3)"
-    )
+    parser.add_argument("--forget-class", type=int, default=DEMO_FORGET_CLASS, help="the digit to forget (default 3)")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -138,7 +136,11 @@ def _demo(args: argparse.Namespace) -> int:
     if not 0 <= args.forget_class <= 9:
         raise UserError(f"--forget-class: expected a digit 0-9, got {args.forget_class}")
     exp = demo_experiment(
-        device=args.device, seed=args.seed, out=args.out, quiet=args.quiet, fast=args.fast,
+        device=args.device,
+        seed=args.seed,
+        out=args.out,
+        quiet=args.quiet,
+        fast=args.fast,
         forget_class=args.forget_class,
     )
     ds: Dataset = data_mod.mnist()

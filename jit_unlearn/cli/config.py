@@ -36,7 +36,6 @@ MODELS = ("mlp", "small_cnn", "convnet", "resnet18")
 DEFAULT_TEST_FRACTION = 0.2
 
 
-
 class UserError(Exception):
     """A mistake in the command line or the config: reported as one line, exit code 2."""
 
@@ -180,7 +179,9 @@ class DatasetSection(_Section):
         """The section of a [dataset] table; ValueError("key: message") on a bad key."""
         _unknown_keys(table, ("name", "root", "kwargs", "test_fraction"))
         name = _required(table, "name", f"one of {list(DATASETS)}")
-        section = cls(name, table.get("root"), table.get("kwargs", {}), table.get("test_fraction", DEFAULT_TEST_FRACTION))
+        section = cls(
+            name, table.get("root"), table.get("kwargs", {}), table.get("test_fraction", DEFAULT_TEST_FRACTION)
+        )
         return dataclasses.replace(section, kwargs=dict(section.kwargs), test_fraction=float(section.test_fraction))
 
 

@@ -95,12 +95,16 @@ def _check_model_fits(model: nn.Module, splits) -> None:
             out = model(x)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise key_error("model", f"{_model_name(model)} does not accept this dataset's inputs of shape "
-                         f"{list(x.shape[1:])}: {first}") from None
+        raise key_error(
+            "model", f"{_model_name(model)} does not accept this dataset's inputs of shape {list(x.shape[1:])}: {first}"
+        ) from None
     classes = int(torch.cat([dataset_labels(splits.retain), dataset_labels(splits.forget)]).max()) + 1
     if out.dim() != 2 or out.shape[1] < classes:
-        raise key_error("model.kwargs", f"the model outputs {list(out.shape[1:])} logits per sample, "
-                         f"but the labels need {classes} classes (set num_classes)")
+        raise key_error(
+            "model.kwargs",
+            f"the model outputs {list(out.shape[1:])} logits per sample, "
+            f"but the labels need {classes} classes (set num_classes)",
+        )
 
 
 def _model_name(model: nn.Module) -> str:
@@ -111,8 +115,11 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # any unreadable or unsafe file is the user's to fix
-        raise key_error("model.checkpoint", f"cannot load {path} with weights_only=True: "
-                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+        raise key_error(
+            "model.checkpoint",
+            f"cannot load {path} with weights_only=True: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
+        ) from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
@@ -120,8 +127,9 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise key_error("model.checkpoint", f"does not fit model {_model_name(model)}: "
-                         f"{' '.join(str(exc).split())[:300]}") from None
+        raise key_error(
+            "model.checkpoint", f"does not fit model {_model_name(model)}: {' '.join(str(exc).split())[:300]}"
+        ) from None
 
 
 def _say(exp: Experiment, message: str) -> None:
@@ -195,15 +203,17 @@ def run_experiment(exp: Experiment, *, train_ds=None, test_ds=None, coarse_of=No
     original = original.to(exp.device)
     _check_model_fits(original, splits)
     summary = splits.summary()
-    _say(exp, f"{title}: {exp.dataset.name}, {summary['retain']} retain / {summary['forget']} forget / "
-              f"{summary['test']} test samples, {exp.scenario.kind} scenario, device {exp.device}")
+    _say(
+        exp,
+        f"{title}: {exp.dataset.name}, {summary['retain']} retain / {summary['forget']} forget / "
+        f"{summary['test']} test samples, {exp.scenario.kind} scenario, device {exp.device}",
+    )
     if exp.model.checkpoint:
         announce(f"loading the original {exp.model.name} from {exp.model.checkpoint}")
         _load_checkpoint(original, exp.model.checkpoint)
         train_seconds = None
     else:
-        announce(f"training the original {exp.model.name} on {len(splits.train)} samples "
-                 f"({exp.recipe.epochs} epochs)")
+        announce(f"training the original {exp.model.name} on {len(splits.train)} samples ({exp.recipe.epochs} epochs)")
         start = time.perf_counter()
         train(original, splits.train, exp.recipe, show_progress=not exp.quiet, desc="train original")
         checks.sync(exp.device)
@@ -230,8 +240,9 @@ def run_experiment(exp: Experiment, *, train_ds=None, test_ds=None, coarse_of=No
         _run_method(spec, model, splits, factory, exp, forget_on_device)
         checks.sync(exp.device)
         seconds = time.perf_counter() - start
-        rows.append(_row(spec.label, seconds, evaluated(model), kind="method", name=spec.name,
-                         params=dict(spec.params)))
+        rows.append(
+            _row(spec.label, seconds, evaluated(model), kind="method", name=spec.name, params=dict(spec.params))
+        )
         del model
     announce("writing results")
     results = {
@@ -280,5 +291,9 @@ def _environment() -> dict:
         backend = backend_info()
     except Exception as exc:  # informational only
         backend = f"unavailable ({exc})"
-    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "backend": backend}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "backend": backend,
+    }

@@ -7,10 +7,16 @@ from collections.abc import Mapping, Sequence
 
 __all__ = ["COLUMNS", "format_table", "write_plot"]
 
-COLUMNS = [("method", "method", "{}"), ("seconds", "seconds", "{:.1f}"), ("forget_acc", "forget acc", "{:.1%}"),
-           ("retain_acc", "retain acc", "{:.1%}"), ("test_acc", "test acc", "{:.1%}"),
-           ("test_acc_remaining", "test acc (other classes)", "{:.1%}"), ("entropy_mia", "entropy MIA", "{:.1%}"),
-           ("loss_mia", "loss MIA", "{:.1%}")]
+COLUMNS = [
+    ("method", "method", "{}"),
+    ("seconds", "seconds", "{:.1f}"),
+    ("forget_acc", "forget acc", "{:.1%}"),
+    ("retain_acc", "retain acc", "{:.1%}"),
+    ("test_acc", "test acc", "{:.1%}"),
+    ("test_acc_remaining", "test acc (other classes)", "{:.1%}"),
+    ("entropy_mia", "entropy MIA", "{:.1%}"),
+    ("loss_mia", "loss MIA", "{:.1%}"),
+]
 
 
 def format_table(rows: Sequence[Mapping]) -> str:
@@ -42,8 +48,12 @@ def write_plot(rows: Sequence[Mapping], path: str, *, title: str = "") -> str | 
     except ImportError:
         return "no plot: matplotlib is not installed (pip install matplotlib)"
     names = [r["method"] for r in rows]
-    metrics = [("forget_acc", "forget acc"), ("test_acc_remaining", "test acc, other classes"),
-               ("entropy_mia", "entropy MIA"), ("loss_mia", "loss MIA")]
+    metrics = [
+        ("forget_acc", "forget acc"),
+        ("test_acc_remaining", "test acc, other classes"),
+        ("entropy_mia", "entropy MIA"),
+        ("loss_mia", "loss MIA"),
+    ]
     fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [3, 1.2]})
     width = 0.8 / len(metrics)
     for j, (key, label) in enumerate(metrics):
@@ -59,8 +69,9 @@ def write_plot(rows: Sequence[Mapping], path: str, *, title: str = "") -> str | 
     ax.set_title(title or "unlearning results")
     timed = [r for r in rows if r.get("kind") != "original" and r.get("seconds") is not None]
     seconds = [r["seconds"] for r in timed]
-    bars = ax_t.barh([r["method"] for r in timed], seconds,
-                     color=["gray" if r.get("kind") == "baseline" else "C0" for r in timed])
+    bars = ax_t.barh(
+        [r["method"] for r in timed], seconds, color=["gray" if r.get("kind") == "baseline" else "C0" for r in timed]
+    )
     ax_t.bar_label(bars, labels=[f"{s:.1f} s" for s in seconds], padding=3, fontsize=8)
     ax_t.set_xlim(0, 1.25 * max(seconds, default=1.0))
     ax_t.invert_yaxis()

@@ -1,4 +1,5 @@
 """Unlearning scenarios (full-class, sub-class, random subset) as forget/retain/test splits; the retrain baseline."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,12 @@ class Splits:
         return torch.utils.data.ConcatDataset([self.retain, self.forget])
 
     def summary(self) -> dict:
-        return {"forget": len(self.forget), "retain": len(self.retain), "test": len(self.test),
-                "forgotten_classes": list(self.forgotten_classes)}
+        return {
+            "forget": len(self.forget),
+            "retain": len(self.retain),
+            "test": len(self.test),
+            "forgotten_classes": list(self.forgotten_classes),
+        }
 
 
 class Relabeled(Dataset):
@@ -117,8 +122,14 @@ def _with_test(ds, test_ds, test_fraction, seed):
     return ds, test_ds
 
 
-def full_class(train_ds: Dataset, cls: int | Sequence[int], test_ds: Dataset | None = None, *,
-               test_fraction: float = 0.2, seed: int = 0) -> Splits:
+def full_class(
+    train_ds: Dataset,
+    cls: int | Sequence[int],
+    test_ds: Dataset | None = None,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Splits:
     """Forget every training sample of class `cls` (an int, or several classes).
 
     When `test_ds` is None, a seeded stratified `test_fraction` of `train_ds` is held out as the
@@ -152,8 +163,9 @@ def _coarse_table(coarse_of, fine_labels: torch.Tensor) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.long)
 
 
-def sub_class(ds: Dataset, fine_cls: int, coarse_of, test_ds: Dataset | None = None, *,
-              test_fraction: float = 0.2, seed: int = 0) -> Splits:
+def sub_class(
+    ds: Dataset, fine_cls: int, coarse_of, test_ds: Dataset | None = None, *, test_fraction: float = 0.2, seed: int = 0
+) -> Splits:
     """Forget one fine class while the model predicts coarse labels (e.g. CIFAR-100 "rocket" inside
     the "vehicles 2" super-class).
 
@@ -167,12 +179,12 @@ def sub_class(ds: Dataset, fine_cls: int, coarse_of, test_ds: Dataset | None = N
     table = _coarse_table(coarse_of, torch.cat([fine, test_fine]))
     train_rel, test_rel = Relabeled(ds, table[fine]), Relabeled(test_ds, table[test_fine])
     forget = fine == fine_cls
-    return Splits(_subset(train_rel, forget), _subset(train_rel, ~forget), test_rel, (fine_cls,),
-                  test_fine != fine_cls)
+    return Splits(_subset(train_rel, forget), _subset(train_rel, ~forget), test_rel, (fine_cls,), test_fine != fine_cls)
 
 
-def random_subset(ds: Dataset, fraction: float, seed: int = 0, test_ds: Dataset | None = None, *,
-                  test_fraction: float = 0.2) -> Splits:
+def random_subset(
+    ds: Dataset, fraction: float, seed: int = 0, test_ds: Dataset | None = None, *, test_fraction: float = 0.2
+) -> Splits:
     """Forget a seeded uniformly random `fraction` of the training samples (round(fraction * n),
     at least 1).  No class is removed, so `forgotten_classes` is empty."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
@@ -196,8 +208,14 @@ def _recipe(recipe) -> Recipe:
     raise TypeError(f"recipe: expected a Recipe or a dict, got {type(recipe).__name__}")
 
 
-def retrain(model_factory: Callable[[], nn.Module], retain: Dataset, recipe: Recipe | Mapping, *,
-            device: torch.device | str | None = None, show_progress: bool = False) -> nn.Module:
+def retrain(
+    model_factory: Callable[[], nn.Module],
+    retain: Dataset,
+    recipe: Recipe | Mapping,
+    *,
+    device: torch.device | str | None = None,
+    show_progress: bool = False,
+) -> nn.Module:
     """The gold-standard baseline: a model trained from scratch on `retain` only, with the original
     training recipe (a `Recipe` or a dict of its fields: epochs, lr, batch_size, optimizer, seed, ...).
 
@@ -207,8 +225,10 @@ def retrain(model_factory: Callable[[], nn.Module], retain: Dataset, recipe: Rec
     recipe = _recipe(recipe)
     _check_dataset(retain, "retain")
     if isinstance(model_factory, nn.Module) or not callable(model_factory):
-        raise TypeError("model_factory: expected a zero-argument callable that builds a fresh model, "
-                        f"got {type(model_factory).__name__}")
+        raise TypeError(
+            "model_factory: expected a zero-argument callable that builds a fresh model, "
+            f"got {type(model_factory).__name__}"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         model = model_factory()

@@ -16,9 +16,17 @@ from .per_sample import DEFAULT_MAX_BATCH_ELEMS, per_sample_pass
 __all__ = ["Importances", "importances", "model_fingerprint", "KINDS", "DEFAULT_MAX_BATCH_ELEMS"]
 
 
-def importances(model: torch.nn.Module, loader, *, kind: str = "fisher", per_sample: bool = False,
-                progress: bool = True, max_batch_elems: int | None = None, batch_size: int | None = None,
-                name: str = "loader") -> Importances:
+def importances(
+    model: torch.nn.Module,
+    loader,
+    *,
+    kind: str = "fisher",
+    per_sample: bool = False,
+    progress: bool = True,
+    max_batch_elems: int | None = None,
+    batch_size: int | None = None,
+    name: str = "loader",
+) -> Importances:
     """Importances of every parameter of `model` on the data in `loader`, model in eval mode.
 
     Args:
@@ -68,4 +76,3 @@ def importances(model: torch.nn.Module, loader, *, kind: str = "fisher", per_sam
     divisor = float(num_samples if per_sample else num_batches)
     torch._foreach_div_(list(acc.values()), divisor)  # true division by the count, as the published code does
     return Importances(acc, kind=kind, per_sample=per_sample, num_samples=num_samples, num_batches=num_batches)
-

@@ -45,8 +45,9 @@ def batch_pass(model, batches, acc: dict[str, torch.Tensor], kind: str, show: bo
     # docs/TUNING.md); the caller's .grad fields are set aside and put back.
     callers_grads = [p.grad for p in params]
     try:
-        for batch in progress_bar(iter_batches(batches), enabled=show, desc=f"importances ({name})",
-                                  total=num_batches(batches)):
+        for batch in progress_bar(
+            iter_batches(batches), enabled=show, desc=f"importances ({name})", total=num_batches(batches)
+        ):
             x = batch_input(batch, name=name)
             y = batch_labels(batch, name=name).to(device, non_blocking=True) if kind == "fisher" else None
             x = x.to(device, non_blocking=True)

@@ -60,8 +60,16 @@ class Importances(Mapping):
     Every named parameter of the model has an entry (zeros where no gradient reached it).
     """
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], *, kind: str, per_sample: bool = False,
-                 num_samples: int = 0, num_batches: int = 0, _invalid: list[str] | None = None):
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        kind: str,
+        per_sample: bool = False,
+        num_samples: int = 0,
+        num_batches: int = 0,
+        _invalid: list[str] | None = None,
+    ):
         if not isinstance(tensors, Mapping):
             raise TypeError(f"tensors: expected a mapping name -> tensor, got {type(tensors).__name__}")
         checks.choice(kind, "kind", KINDS)
@@ -94,8 +102,10 @@ class Importances(Mapping):
 
     def __repr__(self) -> str:
         numel = sum(t.numel() for t in self._tensors.values())
-        return (f"Importances(kind={self.kind!r}, per_sample={self.per_sample}, tensors={len(self)}, "
-                f"elements={numel}, num_samples={self.num_samples}, num_batches={self.num_batches})")
+        return (
+            f"Importances(kind={self.kind!r}, per_sample={self.per_sample}, tensors={len(self)}, "
+            f"elements={numel}, num_samples={self.num_samples}, num_batches={self.num_batches})"
+        )
 
     @property
     def invalid(self) -> list[str]:
@@ -105,8 +115,12 @@ class Importances(Mapping):
         return list(self._invalid)
 
     def _meta(self) -> dict:
-        return {"kind": self.kind, "per_sample": self.per_sample, "num_samples": self.num_samples,
-                "num_batches": self.num_batches}
+        return {
+            "kind": self.kind,
+            "per_sample": self.per_sample,
+            "num_samples": self.num_samples,
+            "num_batches": self.num_batches,
+        }
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Importances:
         """A copy on another device and/or dtype (the tensors themselves when nothing changes)."""
@@ -123,8 +137,7 @@ class Importances(Mapping):
             return
         missing = [n for n in expected if n not in got]
         extra = [n for n in got if n not in expected]
-        shapes = [f"{n!r}: importances {got[n]} vs model {s}" for n, s in expected.items()
-                  if n in got and got[n] != s]
+        shapes = [f"{n!r}: importances {got[n]} vs model {s}" for n, s in expected.items() if n in got and got[n] != s]
         parts = []
         if missing:
             parts.append(f"missing parameters {_head(missing)}")
@@ -142,18 +155,36 @@ class Importances(Mapping):
         if path.endswith(".safetensors"):
             from safetensors.torch import save_file
 
-            meta = {"format": _FORMAT, "version": str(_VERSION), "kind": self.kind,
-                    "per_sample": "1" if self.per_sample else "0", "num_samples": str(self.num_samples),
-                    "num_batches": str(self.num_batches), "fingerprint": self.fingerprint,
-                    "names": json.dumps(list(tensors))}  # safetensors sorts its keys; keep the order
+            meta = {
+                "format": _FORMAT,
+                "version": str(_VERSION),
+                "kind": self.kind,
+                "per_sample": "1" if self.per_sample else "0",
+                "num_samples": str(self.num_samples),
+                "num_batches": str(self.num_batches),
+                "fingerprint": self.fingerprint,
+                "names": json.dumps(list(tensors)),
+            }  # safetensors sorts its keys; keep the order
             save_file(tensors, path, metadata=meta)
             return
-        torch.save({"format": _FORMAT, "version": _VERSION, **self._meta(), "fingerprint": self.fingerprint,
-                    "tensors": tensors}, path)
+        torch.save(
+            {
+                "format": _FORMAT,
+                "version": _VERSION,
+                **self._meta(),
+                "fingerprint": self.fingerprint,
+                "tensors": tensors,
+            },
+            path,
+        )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: torch.nn.Module | None = None,
-             map_location: torch.device | str | None = None) -> Importances:
+    def load(
+        cls,
+        path: str | os.PathLike,
+        model: torch.nn.Module | None = None,
+        map_location: torch.device | str | None = None,
+    ) -> Importances:
         """Read a file written by `save` (safetensors when `path` ends with ".safetensors", else a
         torch file read with ``weights_only=True``).  With `model`, the names and shapes must match
         it (ValueError otherwise) and the tensors go to the model's device unless `map_location`."""
@@ -169,8 +200,12 @@ class Importances(Mapping):
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"path: {path!r} is not a jit_unlearn importances file (no format tag)")
             try:
-                info = {"kind": meta["kind"], "per_sample": meta["per_sample"] == "1",
-                        "num_samples": int(meta["num_samples"]), "num_batches": int(meta["num_batches"])}
+                info = {
+                    "kind": meta["kind"],
+                    "per_sample": meta["per_sample"] == "1",
+                    "num_samples": int(meta["num_samples"]),
+                    "num_batches": int(meta["num_batches"]),
+                }
                 version, fingerprint = int(meta["version"]), meta["fingerprint"]
                 tensors = {n: tensors[n] for n in json.loads(meta["names"])}
             except (KeyError, ValueError, TypeError) as exc:

@@ -40,9 +40,13 @@ def _factorable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
         for p in m._parameters.values():
             if p is not None:
                 owners[id(p)] = owners.get(id(p), 0) + 1
-    return {name: m for name, m in model.named_modules()
-            if type(m) is torch.nn.Linear and m.weight.requires_grad
-            and all(owners[id(p)] == 1 for p in m._parameters.values() if p is not None)}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if type(m) is torch.nn.Linear
+        and m.weight.requires_grad
+        and all(owners[id(p)] == 1 for p in m._parameters.values() if p is not None)
+    }
 
 
 class _LinearTaps:
@@ -68,6 +72,7 @@ class _LinearTaps:
                 raise _Unfactorable(name)
             self.inputs[name] = a[0]
             return output + self.probes[name]
+
         return hook
 
     def remove(self) -> None:
@@ -95,8 +100,9 @@ def per_sample_pass(
     try:
         batches_seen = num_samples = 0
         plan = _PerSamplePlan(model, taps, kind, max_elems)
-        for batch in progress_bar(iter_batches(batches), enabled=show, desc=f"per-sample importances ({name})",
-                                  total=num_batches(batches)):
+        for batch in progress_bar(
+            iter_batches(batches), enabled=show, desc=f"per-sample importances ({name})", total=num_batches(batches)
+        ):
             x = batch_input(batch, name=name)
             y = batch_labels(batch, name=name).to(device, non_blocking=True) if square else None
             x = x.to(device, non_blocking=True)
@@ -140,10 +146,15 @@ class _PerSamplePlan:
         self.trainable = {n: p.detach() for n, p in named if p.requires_grad and n not in factored_params}
         fixed = {n: p.detach() for n, p in named if not (p.requires_grad and n not in factored_params)}
         fixed.update(dict(model.named_buffers()))
-        self.probes = {m: torch.zeros(taps.modules[m].out_features, dtype=taps.modules[m].weight.dtype,
-                                      device=taps.modules[m].weight.device) for m in self.factored}
+        self.probes = {
+            m: torch.zeros(
+                taps.modules[m].out_features, dtype=taps.modules[m].weight.dtype, device=taps.modules[m].weight.device
+            )
+            for m in self.factored
+        }
         per_sample = sum(p.numel() for p in self.trainable.values()) + sum(
-            taps.modules[m].in_features + taps.modules[m].out_features for m in self.factored)
+            taps.modules[m].in_features + taps.modules[m].out_features for m in self.factored
+        )
         self.chunk = max(1, max_elems // max(1, per_sample))
 
         def sample_loss(params, probes, x, y):
@@ -154,13 +165,15 @@ class _PerSamplePlan:
             finally:
                 taps.active = False
             # a module this sample never reached contributes nothing (its probe gradient is 0)
-            inputs = {m: taps.inputs[m] if m in taps.inputs else out.new_zeros(taps.modules[m].in_features)
-                      for m in probes}
+            inputs = {
+                m: taps.inputs[m] if m in taps.inputs else out.new_zeros(taps.modules[m].in_features) for m in probes
+            }
             taps.probes, taps.inputs = {}, {}
             return _sample_loss(out, y, kind), inputs
 
-        self.fn = vmap(grad(sample_loss, argnums=(0, 1), has_aux=True),
-                       in_dims=(None, None, 0, 0 if kind == "fisher" else None))
+        self.fn = vmap(
+            grad(sample_loss, argnums=(0, 1), has_aux=True), in_dims=(None, None, 0, 0 if kind == "fisher" else None)
+        )
 
     def __call__(self, x, y):
         (grads, deltas), inputs = self.fn(self.trainable, self.probes, x, y)

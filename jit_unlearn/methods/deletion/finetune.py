@@ -40,7 +40,7 @@ class FinetuneReport:
     objective: str
     epochs: int
     steps: int
-    trainable: int            # entries that were allowed to change (mask | head)
+    trainable: int  # entries that were allowed to change (mask | head)
     final_loss: float | None  # mean training loss over the last epoch
     seconds: float
 
@@ -73,8 +73,22 @@ def _cycle(batches) -> Iterator:
             raise ValueError("forget: yields no batches (empty)")
 
 
-def run_finetune(model, mask: Mask, retain_batches, forget_batches, *, objective, lr, epochs, momentum,
-              weight_decay, beta, seed, head_names, show) -> FinetuneReport:
+def run_finetune(
+    model,
+    mask: Mask,
+    retain_batches,
+    forget_batches,
+    *,
+    objective,
+    lr,
+    epochs,
+    momentum,
+    weight_decay,
+    beta,
+    seed,
+    head_names,
+    show,
+) -> FinetuneReport:
     """SGD with momentum and cosine annealing (to 0.01·lr over every step) on the masked entries.
 
     Unmasked entries stay bitwise fixed by construction, at the cost of one `where` per masked tensor
@@ -143,8 +157,9 @@ def run_finetune(model, mask: Mask, retain_batches, forget_batches, *, objective
                 step += 1
             final_loss = float(loss_sum) / steps_per_epoch
             if not math.isfinite(final_loss) or not params_finite(params):
-                raise RuntimeError(f"masked_finetune: training diverged (loss {final_loss}); lower lr. "
-                                   "The model was restored.")
+                raise RuntimeError(
+                    f"masked_finetune: training diverged (loss {final_loss}); lower lr. The model was restored."
+                )
     checks.sync(device)
     return FinetuneReport(objective, epochs, step, trainable, final_loss, time.perf_counter() - start)
 
@@ -177,10 +192,23 @@ def finetune_batches(retain, forget, objective: str, batch_size: int, seed: int)
     return retain_batches, forget_batches
 
 
-def masked_finetune(model: nn.Module, mask: Mask, retain, *, forget=None, objective: str = "finetune",
-                    lr: float, epochs: int, batch_size: int = 128, momentum: float = 0.9,
-                    weight_decay: float = 0.0, beta: float = 0.1, seed: int = 0, head=None,
-                    progress: bool = True) -> FinetuneReport:
+def masked_finetune(
+    model: nn.Module,
+    mask: Mask,
+    retain,
+    *,
+    forget=None,
+    objective: str = "finetune",
+    lr: float,
+    epochs: int,
+    batch_size: int = 128,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    beta: float = 0.1,
+    seed: int = 0,
+    head=None,
+    progress: bool = True,
+) -> FinetuneReport:
     """Train only the masked entries of `model` (plus the `head` module fully), in place.
 
     Args:
@@ -208,6 +236,18 @@ def masked_finetune(model: nn.Module, mask: Mask, retain, *, forget=None, object
     head_names = head_parameter_names(model, head)
     retain_batches, forget_batches = finetune_batches(retain, forget, objective, batch_size, seed)
     with restore_on_failure(model):
-        return run_finetune(model, mask, retain_batches, forget_batches, objective=objective, lr=float(lr),
-                         epochs=epochs, momentum=float(momentum), weight_decay=float(weight_decay),
-                         beta=float(beta), seed=seed, head_names=head_names, show=progress)
+        return run_finetune(
+            model,
+            mask,
+            retain_batches,
+            forget_batches,
+            objective=objective,
+            lr=float(lr),
+            epochs=epochs,
+            momentum=float(momentum),
+            weight_decay=float(weight_decay),
+            beta=float(beta),
+            seed=seed,
+            head_names=head_names,
+            show=progress,
+        )

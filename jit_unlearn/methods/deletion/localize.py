@@ -29,8 +29,9 @@ def _score_dtype(params) -> torch.dtype:
     return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
 
 
-def _element_scores(model: nn.Module, params: list[nn.Parameter], forget, criterion: str, seed: int,
-                    batch_size, show: bool) -> list[torch.Tensor]:
+def _element_scores(
+    model: nn.Module, params: list[nn.Parameter], forget, criterion: str, seed: int, batch_size, show: bool
+) -> list[torch.Tensor]:
     """Per-element scores, one tensor per parameter (docs/METHODS.md §3 step 1, or the saliency / random controls)."""
     dtype = _score_dtype(params)
     if criterion == "random":
@@ -93,8 +94,9 @@ def _select(groups, k: int) -> list[torch.Tensor]:
     if all(size == 1 for _, size in groups):
         picked = _select_elements(values, k).to(torch.int64)
     else:
-        sizes = torch.cat([torch.full((v.numel(),), size, dtype=torch.int64, device=values.device)
-                           for v, size in groups])
+        sizes = torch.cat(
+            [torch.full((v.numel(),), size, dtype=torch.int64, device=values.device) for v, size in groups]
+        )
         order = torch.sort(values, descending=True, stable=True).indices
         ranked = sizes[order]
         before = torch.cumsum(ranked, 0) - ranked
@@ -119,9 +121,18 @@ def _select_elements(values: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
-def localize(model: nn.Module, forget, *, criterion: str = "weighted_grad", granularity: str = "channel",
-             budget: float = 0.3, top_fraction: float | None = 0.1, seed: int = 0, batch_size: int | None = None,
-             progress: bool = True) -> Mask:
+def localize(
+    model: nn.Module,
+    forget,
+    *,
+    criterion: str = "weighted_grad",
+    granularity: str = "channel",
+    budget: float = 0.3,
+    top_fraction: float | None = 0.1,
+    seed: int = 0,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> Mask:
     """Select the ⌊budget·P⌋ parameter entries most critical to the forget set (docs/METHODS.md §3).
 
     Args:
@@ -152,8 +163,9 @@ def localize(model: nn.Module, forget, *, criterion: str = "weighted_grad", gran
     return mask_from_scores([n for n, _ in named], scores, granularity, budget, top_fraction)
 
 
-def mask_from_scores(names: list[str], scores: list[torch.Tensor], granularity: str, budget: float,
-                      top_fraction: float | None) -> Mask:
+def mask_from_scores(
+    names: list[str], scores: list[torch.Tensor], granularity: str, budget: float, top_fraction: float | None
+) -> Mask:
     """docs/METHODS.md §3 steps 2-3 on per-element scores (one tensor per parameter, in parameter order)."""
     groups = _groups(scores, granularity, top_fraction)
     picked = _select(groups, int(budget * sum(s.numel() for s in scores)))

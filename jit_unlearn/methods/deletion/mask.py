@@ -39,8 +39,9 @@ class Mask(Mapping):
         return len(self._masks)
 
     def __repr__(self) -> str:
-        return (f"Mask({len(self)} tensors, {self.count()}/{self.numel()} entries selected, "
-                f"fraction {self.fraction():.4f})")
+        return (
+            f"Mask({len(self)} tensors, {self.count()}/{self.numel()} entries selected, fraction {self.fraction():.4f})"
+        )
 
     def _names(self, name: str | None) -> list[str]:
         if name is None:
@@ -75,17 +76,19 @@ class Mask(Mapping):
         params = dict(model.named_parameters())
         unknown = [n for n in self._masks if n not in params]
         if unknown:
-            raise ValueError(f"mask: names that are not parameters of the model: {unknown[:5]}"
-                             + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""))
+            raise ValueError(
+                f"mask: names that are not parameters of the model: {unknown[:5]}"
+                + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            )
         for n, m in self._masks.items():
             if m.shape != params[n].shape:
-                raise ValueError(f"mask[{n!r}]: shape {tuple(m.shape)} differs from the parameter's "
-                                 f"{tuple(params[n].shape)}")
+                raise ValueError(
+                    f"mask[{n!r}]: shape {tuple(m.shape)} differs from the parameter's {tuple(params[n].shape)}"
+                )
 
     def save(self, path) -> None:
         """Write the masks (on the CPU) to `path` with torch.save, in a format `load` checks."""
-        torch.save({"format": _MASK_FORMAT, "version": 1,
-                    "masks": {n: m.cpu() for n, m in self._masks.items()}}, path)
+        torch.save({"format": _MASK_FORMAT, "version": 1, "masks": {n: m.cpu() for n, m in self._masks.items()}}, path)
 
     @classmethod
     def load(cls, path, map_location: torch.device | str = "cpu") -> Mask:

@@ -26,11 +26,11 @@ class DELReport:
     seconds of each phase (`seconds` is their sum)."""
 
     mask: Mask
-    fraction: float                        # selected fraction of all scored parameters
+    fraction: float  # selected fraction of all scored parameters
     layer_fractions: dict[str, float]
-    masked: int                            # selected entries
-    total: int                             # scored entries (all trainable floating parameters)
-    head: str | None                       # module trained fully, if any
+    masked: int  # selected entries
+    total: int  # scored entries (all trainable floating parameters)
+    head: str | None  # module trained fully, if any
     epochs: int
     steps: int
     final_loss: float | None
@@ -50,8 +50,10 @@ def _last_linear(model: nn.Module) -> str:
         if isinstance(m, nn.Linear):
             name = n
     if name is None:
-        raise ValueError("head: the model has no nn.Linear to train as the classifier head; "
-                         "name the head module or pass head_trainable=False")
+        raise ValueError(
+            "head: the model has no nn.Linear to train as the classifier head; "
+            "name the head module or pass head_trainable=False"
+        )
     return name
 
 
@@ -72,11 +74,13 @@ def _init_state(init, model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
         elif isinstance(built, Mapping):
             state = built
         else:
-            raise TypeError(f"init: the factory must return an nn.Module or a state_dict, "
-                            f"returned {type(built).__name__}")
+            raise TypeError(
+                f"init: the factory must return an nn.Module or a state_dict, returned {type(built).__name__}"
+            )
     else:
-        raise TypeError(f"init: expected a state_dict, an nn.Module or a zero-argument factory, "
-                        f"got {type(init).__name__}")
+        raise TypeError(
+            f"init: expected a state_dict, an nn.Module or a zero-argument factory, got {type(init).__name__}"
+        )
     model_state = model.state_dict()
     unexpected = [n for n in state if n not in model_state]
     if unexpected:
@@ -94,11 +98,26 @@ def _init_state(init, model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def del_unlearn(model: nn.Module, forget, retain, *, init, budget: float = 0.3, lr: float = 0.015,
-                epochs: int = 30, batch_size: int = 128, momentum: float = 0.9, weight_decay: float = 0.0,
-                head_trainable: bool = True, head: str | None = None, criterion: str = "weighted_grad",
-                granularity: str = "channel", top_fraction: float | None = 0.1, seed: int = 0,
-                progress: bool = True) -> DELReport:
+def del_unlearn(
+    model: nn.Module,
+    forget,
+    retain,
+    *,
+    init,
+    budget: float = 0.3,
+    lr: float = 0.015,
+    epochs: int = 30,
+    batch_size: int = 128,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    head_trainable: bool = True,
+    head: str | None = None,
+    criterion: str = "weighted_grad",
+    granularity: str = "channel",
+    top_fraction: float | None = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+) -> DELReport:
     """DEL: localize (docs/METHODS.md §3 steps 1-3), reset the selected entries to `init`, fine-tune them on retain.
 
     Args:
@@ -135,8 +154,16 @@ def del_unlearn(model: nn.Module, forget, retain, *, init, budget: float = 0.3, 
     device = model_device(model)
     with restore_on_failure(model):
         t0 = time.perf_counter()
-        mask = localize(model, forget_batches, criterion=criterion, granularity=granularity, budget=budget,
-                        top_fraction=top_fraction, seed=seed, progress=progress)
+        mask = localize(
+            model,
+            forget_batches,
+            criterion=criterion,
+            granularity=granularity,
+            budget=budget,
+            top_fraction=top_fraction,
+            seed=seed,
+            progress=progress,
+        )
         checks.sync(device)
         t1 = time.perf_counter()
         named = dict(model.named_parameters())
@@ -149,10 +176,32 @@ def del_unlearn(model: nn.Module, forget, retain, *, init, budget: float = 0.3, 
             ops.masked_reset_(targets, values, [mask[n] for n in names])
         checks.sync(device)
         t2 = time.perf_counter()
-        fine = run_finetune(model, mask, retain_batches, None, objective="finetune", lr=float(lr), epochs=epochs,
-                         momentum=float(momentum), weight_decay=float(weight_decay), beta=0.0, seed=seed,
-                         head_names=head_names, show=progress)
-    return DELReport(mask=mask, fraction=mask.fraction(), layer_fractions=mask.layer_fractions(),
-                     masked=mask.count(), total=mask.numel(), head=head_name, epochs=epochs, steps=fine.steps,
-                     final_loss=fine.final_loss, seconds_localize=t1 - t0, seconds_reset=t2 - t1,
-                     seconds_finetune=fine.seconds)
+        fine = run_finetune(
+            model,
+            mask,
+            retain_batches,
+            None,
+            objective="finetune",
+            lr=float(lr),
+            epochs=epochs,
+            momentum=float(momentum),
+            weight_decay=float(weight_decay),
+            beta=0.0,
+            seed=seed,
+            head_names=head_names,
+            show=progress,
+        )
+    return DELReport(
+        mask=mask,
+        fraction=mask.fraction(),
+        layer_fractions=mask.layer_fractions(),
+        masked=mask.count(),
+        total=mask.numel(),
+        head=head_name,
+        epochs=epochs,
+        steps=fine.steps,
+        final_loss=fine.final_loss,
+        seconds_localize=t1 - t0,
+        seconds_reset=t2 - t1,
+        seconds_finetune=fine.seconds,
+    )

@@ -176,7 +176,6 @@ def jit(
     )
 
 
-
 def _batch_x(batch, device, dtype) -> torch.Tensor:
     x = batch_input(batch, name="forget")
     if not isinstance(x, torch.Tensor):
@@ -186,10 +185,11 @@ def _batch_x(batch, device, dtype) -> torch.Tensor:
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"forget: a batch must be [B, ...] with B >= 1, got shape {tuple(x.shape)}")
     if x.device != device:
-        raise ValueError(f"forget: inputs are on {x.device} but the model is on {device}; "
-                         "move the data (or the model) to one device first")
+        raise ValueError(
+            f"forget: inputs are on {x.device} but the model is on {device}; "
+            "move the data (or the model) to one device first"
+        )
     return x if x.dtype == dtype else x.to(dtype)
-
 
 
 def _check_args(model, sigma, lr, num_samples, mode, seed, reduction, optimizer, max_batch_elems, progress):
