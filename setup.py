@@ -1,10 +1,12 @@
-"""Build jit_unlearn and its extension jit_unlearn._C (C++ CPU kernels, plus CUDA kernels when a GPU
-is visible or FORCE_CUDA=1).  Compile-only CUDA builds need CUDA_HOME and TORCH_CUDA_ARCH_LIST."""
+"""The compiled library of jit_unlearn, jit_unlearn/_C (C++ CPU kernels, plus CUDA kernels when a GPU
+is visible or FORCE_CUDA=1); everything else about the package is in pyproject.toml.  Compile-only
+CUDA builds need CUDA_HOME and TORCH_CUDA_ARCH_LIST; JIT_UNLEARN_NO_EXTENSION=1 builds none."""
+
 import glob
 import os
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -65,20 +67,4 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="jit_unlearn",
-    version="0.1.0",
-    description="Fast machine unlearning for trained PyTorch classifiers (JiT, SSD, LF-SSD, ASSD, DEL)",
-    packages=find_packages(include=["jit_unlearn", "jit_unlearn.*"]),
-    package_data={"jit_unlearn": ["data/mnist/*.gz", "data/mnist/*.md"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "scikit-learn", "tqdm"],
-    extras_require={
-        "plot": ["matplotlib"],
-        "safetensors": ["safetensors"],
-        "test": ["pytest", "pytest-benchmark", "scipy", "matplotlib", "safetensors"],
-    },
-    entry_points={"console_scripts": ["jit-unlearn=jit_unlearn.cli:main"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -3,6 +3,7 @@ end to end against a copy-restore masked fine-tune and plain retraining.
 
 Run: python -m pytest benchmarks/bench_del.py --benchmark-only --benchmark-min-rounds=3
 """
+
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn as ju
 from jit_unlearn.data import mnist
-from jit_unlearn.methods.del_ import _mask_from_scores
+from jit_unlearn.methods.deletion.localize import mask_from_scores
 from jit_unlearn.models import ResNet18, SmallCNN
 
 BUDGET, TOP_FRACTION = 0.3, 0.1
@@ -54,7 +55,7 @@ def resnet_case():
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     names = [n for n, _ in model.named_parameters()]
     scores = [torch.rand(p.shape) for p in model.parameters()]
-    ours = _mask_from_scores(names, scores, "channel", BUDGET, TOP_FRACTION)
+    ours = mask_from_scores(names, scores, "channel", BUDGET, TOP_FRACTION)
     ref = loop_mask(names, scores)
     assert all(torch.equal(ours[n], ref[n]) for n in names)
     return model, x, y, names, scores
@@ -63,7 +64,7 @@ def resnet_case():
 def test_score_rank_vectorised(benchmark, resnet_case):
     _, _, _, names, scores = resnet_case
     benchmark.group = "del: channel scoring + global budget, ResNet-18 (11.2 M params)"
-    benchmark(_mask_from_scores, names, scores, "channel", BUDGET, TOP_FRACTION)
+    benchmark(mask_from_scores, names, scores, "channel", BUDGET, TOP_FRACTION)
 
 
 def test_score_rank_loop(benchmark, resnet_case):
@@ -163,16 +164,22 @@ E2E = f"del: end to end, SmallCNN, MNIST 1800 retain / 200 forget, {EPOCHS} epoc
 def test_del_end_to_end(benchmark, mnist_case):
     state, forget, retain = mnist_case
     benchmark.group = E2E
-    benchmark.pedantic(lambda m: ju.del_unlearn(m, forget, retain, init=SmallCNN, lr=LR, epochs=EPOCHS,
-                                                batch_size=BATCH, progress=False),
-                       setup=lambda: ((_fresh(state),), {}), rounds=3, iterations=1)
+    benchmark.pedantic(
+        lambda m: ju.del_unlearn(
+            m, forget, retain, init=SmallCNN, lr=LR, epochs=EPOCHS, batch_size=BATCH, progress=False
+        ),
+        setup=lambda: ((_fresh(state),), {}),
+        rounds=3,
+        iterations=1,
+    )
 
 
 def test_del_copy_restore_baseline(benchmark, mnist_case):
     state, forget, retain = mnist_case
     benchmark.group = E2E
-    benchmark.pedantic(lambda m: copy_restore_del(m, forget, retain), setup=lambda: ((_fresh(state),), {}),
-                       rounds=3, iterations=1)
+    benchmark.pedantic(
+        lambda m: copy_restore_del(m, forget, retain), setup=lambda: ((_fresh(state),), {}), rounds=3, iterations=1
+    )
 
 
 def test_retrain_same_epochs(benchmark, mnist_case):

@@ -4,6 +4,7 @@ Run: python -m pytest benchmarks/bench_eval.py --benchmark-only --benchmark-min-
 The floor is what any implementation must pay: one batched no-grad forward over retain, forget and test
 (same batch size) plus the logistic-regression fit on the entropy features (precomputed outside the timing).
 """
+
 import numpy as np
 import pytest
 import torch

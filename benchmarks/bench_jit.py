@@ -7,6 +7,7 @@ Per group, divide `default` by the `floor_*` rows (target <= 1.10) and `referenc
 and carry the ratios in extra_info (benchmarks/ratios.py prints them).  Models: a digits MLP and a
 CIFAR-shaped ResNet-18.
 """
+
 import argparse
 import copy
 import statistics
@@ -15,10 +16,11 @@ import time
 import pytest
 import torch
 
-from jit_unlearn import jit, reference
+from jit_unlearn import jit, torch_ops
 from jit_unlearn.data import digits
 from jit_unlearn.methods.jit import default_max_batch_elems
 from jit_unlearn.models import MLP, ResNet18
+
 
 def _digit3():
     x, y = digits().tensors
@@ -30,9 +32,15 @@ CASES = {
     # every sample of digit 3 in scikit-learn digits (183), published N, batch 64 -> 3 steps
     "digits_mlp": (lambda: MLP(64, (256, 256), 10), _digit3, 64, 25, 1.0, 1.7e-3, 40),
     # 64 random CIFAR-shaped samples, batch 32, N=4 -> 2 steps of 5 forwards + 1 backward each
-    "cifar_resnet18": (lambda: ResNet18(10),
-                       lambda: torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
-                       32, 4, 0.5, 3e-4, 5),
+    "cifar_resnet18": (
+        lambda: ResNet18(10),
+        lambda: torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0)),
+        32,
+        4,
+        0.5,
+        3e-4,
+        5,
+    ),
 }
 
 
@@ -45,8 +53,7 @@ def _make(case):
 def _run(benchmark, group, fn, model, rounds):
     """Time fn(fresh copy of model) `rounds` times; the copy is made outside the timed region."""
     benchmark.group = group
-    benchmark.pedantic(fn, setup=lambda: ((copy.deepcopy(model),), {}), rounds=rounds, iterations=1,
-                       warmup_rounds=1)
+    benchmark.pedantic(fn, setup=lambda: ((copy.deepcopy(model),), {}), rounds=rounds, iterations=1, warmup_rounds=1)
 
 
 def _floor(model, x_batches, noisy_batches, lr, batched):
@@ -76,12 +83,16 @@ def _floor_variants(case):
     model, forget, bs, n, sigma, lr, rounds = _make(case)
     model.eval()
     x_batches = list(forget.split(bs))
-    noisy = [reference.perturb(x, n, sigma, 0, t, True)[0] for t, x in enumerate(x_batches)]
-    return model, rounds, {
-        "default": lambda m: jit(m, forget, sigma=sigma, lr=lr, num_samples=n, batch_size=bs, progress=False),
-        "floor_sequential": lambda m: _floor(m, x_batches, noisy, lr, batched=False),
-        "floor_batched": lambda m: _floor(m, x_batches, noisy, lr, batched=True),
-    }
+    noisy = [torch_ops.perturb(x, n, sigma, 0, t, True)[0] for t, x in enumerate(x_batches)]
+    return (
+        model,
+        rounds,
+        {
+            "default": lambda m: jit(m, forget, sigma=sigma, lr=lr, num_samples=n, batch_size=bs, progress=False),
+            "floor_sequential": lambda m: _floor(m, x_batches, noisy, lr, batched=False),
+            "floor_batched": lambda m: _floor(m, x_batches, noisy, lr, batched=True),
+        },
+    )
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -112,13 +123,15 @@ def test_default_vs_floor_paired(benchmark, case):
     if benchmark.stats is None:  # --benchmark-disable
         return
     default_times = list(benchmark.stats.stats.data)
-    floor_times = floor_times[-len(default_times):]  # the warm-up round's floor run is not paired
+    floor_times = floor_times[-len(default_times) :]  # the warm-up round's floor run is not paired
     ratios = [d / f for d, f in zip(default_times, floor_times)]
     benchmark.extra_info.update(
-        floor_min=min(floor_times), floor_median=statistics.median(floor_times),
+        floor_min=min(floor_times),
+        floor_median=statistics.median(floor_times),
         ratio_of_mins=min(default_times) / min(floor_times),
         ratio_of_medians=statistics.median(default_times) / statistics.median(floor_times),
-        median_paired_ratio=statistics.median(ratios))
+        median_paired_ratio=statistics.median(ratios),
+    )
 
 
 def _published_loop(model, forget, bs, n, sigma, lr):
@@ -151,11 +164,16 @@ def _reference_variants(case):
     """(model in train mode, rounds, {variant: fn(model copy)}) for the reference group."""
     model, forget, bs, n, sigma, lr, rounds = _make(case)
     model.train()
-    return model, rounds, {
-        "reference": lambda m: jit(m, forget, sigma=sigma, lr=lr, num_samples=n, batch_size=bs,
-                                   mode="reference", progress=False),
-        "transcription": lambda m: _published_loop(m, forget, bs, n, sigma, lr),
-    }
+    return (
+        model,
+        rounds,
+        {
+            "reference": lambda m: jit(
+                m, forget, sigma=sigma, lr=lr, num_samples=n, batch_size=bs, mode="reference", progress=False
+            ),
+            "transcription": lambda m: _published_loop(m, forget, bs, n, sigma, lr),
+        },
+    )
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -169,7 +187,10 @@ def _interleaved(case, rounds, threads):
     """Time every variant of both groups in alternation (one warm-up round), so that load changes on
     a shared machine hit all of them alike; print min and median seconds and the ratios."""
     torch.set_num_threads(threads)
-    for (model, _, fns), base in ((_floor_variants(case), "floor_batched"), (_reference_variants(case), "transcription")):
+    for (model, _, fns), base in (
+        (_floor_variants(case), "floor_batched"),
+        (_reference_variants(case), "transcription"),
+    ):
         times = {name: [] for name in fns}
         for r in range(rounds + 1):
             for name, fn in fns.items():
@@ -180,12 +201,15 @@ def _interleaved(case, rounds, threads):
                     times[name].append(time.perf_counter() - start)
         stats = {name: (min(t), statistics.median(t)) for name, t in times.items()}
         for name, (lo, mid) in stats.items():
-            print(f"{case:15s} {name:17s} min {lo:9.4f} s  median {mid:9.4f} s  "
-                  f"ratio to {base}: min {lo / stats[base][0]:.3f} median {mid / stats[base][1]:.3f}")
+            print(
+                f"{case:15s} {name:17s} min {lo:9.4f} s  median {mid:9.4f} s  "
+                f"ratio to {base}: min {lo / stats[base][0]:.3f} median {mid / stats[base][1]:.3f}"
+            )
 
 
 if __name__ == "__main__":
     from conftest import ALLOCATOR  # the thread count and heap settings of the pytest runs
+
     print(ALLOCATOR)
     parser = argparse.ArgumentParser(description=_interleaved.__doc__)
     parser.add_argument("cases", nargs="*", default=list(CASES), choices=list(CASES))

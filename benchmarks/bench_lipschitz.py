@@ -1,4 +1,5 @@
 """lipschitz_ratio forward+backward (B=128, K=100, N=25): fused op against the autograd composition."""
+
 import pytest
 import torch
 
@@ -7,7 +8,8 @@ from jit_unlearn import _backend, ops
 B, K, N = 128, 100, 25
 
 HAS_COMPILED_CPU = _backend.extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "jit_unlearn::lipschitz_ratio", "CPU")
+    "jit_unlearn::lipschitz_ratio", "CPU"
+)
 
 
 def _composition(out, out_perturbed, in_norm):

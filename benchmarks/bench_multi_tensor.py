@@ -3,6 +3,7 @@ elements), each next to its baselines in one benchmark group.
 
     python -m pytest benchmarks/bench_multi_tensor.py --benchmark-only --benchmark-min-rounds=3
 """
+
 import pytest
 import torch
 
@@ -10,9 +11,12 @@ import jit_unlearn.ops  # noqa: F401  (loads the compiled extension)
 from jit_unlearn import _backend
 
 pytestmark = pytest.mark.skipif(
-    not (_backend.extension_loaded()
-         and torch._C._dispatch_has_kernel_for_dispatch_key("jit_unlearn::ssd_dampen_", "CPU")),
-    reason="compiled CPU kernels not built")
+    not (
+        _backend.extension_loaded()
+        and torch._C._dispatch_has_kernel_for_dispatch_key("jit_unlearn::ssd_dampen_", "CPU")
+    ),
+    reason="compiled CPU kernels not built",
+)
 
 ALPHA = 10.0
 SELECTED_FRACTION = 0.01  # share of elements with I_f > alpha * I_D; ~1% is typical of SSD runs
@@ -44,8 +48,10 @@ def resnet18_lists():
     assert len(shapes) == 62 and sum(torch.Size(s).numel() for s in shapes) == 11_173_962
     params = [torch.randn(s, generator=gen) for s in shapes]
     imp_full = [torch.rand(s, generator=gen) + 1e-3 for s in shapes]
-    imp_forget = [torch.where(torch.rand(s, generator=gen) < SELECTED_FRACTION, d * (2 * ALPHA), d * (ALPHA / 2))
-                  for s, d in zip(shapes, imp_full)]
+    imp_forget = [
+        torch.where(torch.rand(s, generator=gen) < SELECTED_FRACTION, d * (2 * ALPHA), d * (ALPHA / 2))
+        for s, d in zip(shapes, imp_full)
+    ]
     return params, imp_forget, imp_full
 
 
@@ -62,6 +68,7 @@ def _published_dampen(params, imp_forget, imp_full, alpha, lam=1.0, exponent=1.0
 def _run_restoring(benchmark, fn, params, pristine):
     """Time fn() with params restored (untimed) before every round, so repeated dampening never drifts
     toward subnormal values."""
+
     def setup():
         torch._foreach_copy_(params, pristine)
 
@@ -73,9 +80,11 @@ def test_ssd_dampen_ours(benchmark, resnet18_lists):
     pristine, f, d = resnet18_lists
     params = [p.clone() for p in pristine]
     benchmark.extra_info["selected"] = int(
-        torch.ops.jit_unlearn.ssd_dampen_([p.clone() for p in pristine], f, d, ALPHA, 1.0, 1.0).sum())
-    _run_restoring(benchmark, lambda: torch.ops.jit_unlearn.ssd_dampen_(params, f, d, ALPHA, 1.0, 1.0),
-                   params, pristine)
+        torch.ops.jit_unlearn.ssd_dampen_([p.clone() for p in pristine], f, d, ALPHA, 1.0, 1.0).sum()
+    )
+    _run_restoring(
+        benchmark, lambda: torch.ops.jit_unlearn.ssd_dampen_(params, f, d, ALPHA, 1.0, 1.0), params, pristine
+    )
 
 
 @pytest.mark.benchmark(group="ssd_dampen")

@@ -1,4 +1,5 @@
 """perturb (x [128, 3, 32, 32], N = 25) against the composition randn + add + clamp + norm."""
+
 import pytest
 import torch
 

@@ -5,6 +5,7 @@ copy; per-sample importances against one backward pass per sample.
 
 Run: python -m pytest benchmarks/bench_ssd.py --benchmark-only --benchmark-min-rounds=3
 """
+
 import copy
 
 import pytest
@@ -34,13 +35,14 @@ def per_sample_loop(model, x, y):
     acc = [torch.zeros_like(p) for p in params]
     for i in range(x.shape[0]):
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
         for a, p in zip(acc, params):
             a.addcmul_(p.grad, p.grad)
     return [a / x.shape[0] for a in acc]
 
 
 # ---------------------------------------------------------------- cases
+
 
 def _digits_case():
     torch.manual_seed(0)
@@ -72,10 +74,12 @@ def case(request):
 def _rounds(benchmark, fn, model, state):
     def setup():
         model.load_state_dict(state)
+
     benchmark.pedantic(fn, setup=setup, rounds=3, warmup_rounds=1)
 
 
 # ---------------------------------------------------------------- end to end
+
 
 def test_ssd_ours(benchmark, case):
     name, model, state, forget, full = case
@@ -103,6 +107,7 @@ def test_lf_ssd_published(benchmark, case):
 
 # ---------------------------------------------------------------- importance pass vs its floor
 
+
 def test_importance_pass_ours(benchmark, case):
     name, model, _, _, full = case
     benchmark.group = f"importance pass over the full loader: {name}"
@@ -116,6 +121,7 @@ def test_importance_pass_floor(benchmark, case):
 
 
 # ---------------------------------------------------------------- dampening step
+
 
 @pytest.fixture(scope="module")
 def dampen_case():
@@ -136,6 +142,7 @@ def _dampen_rounds(benchmark, model, fn):
 
     def setup():
         model.load_state_dict(state)
+
     benchmark.pedantic(fn, setup=setup, rounds=10, warmup_rounds=1)
 
 
@@ -180,8 +187,9 @@ def test_per_sample_vmap(benchmark, per_sample_case):
     name, model, x, y = per_sample_case
     benchmark.group = f"per-sample importances, 256 samples: {name}"
     loader = DataLoader(TensorDataset(x, y), batch_size=256)
-    benchmark.pedantic(lambda: ju.importances(model, loader, per_sample=True, progress=False),
-                       rounds=3, warmup_rounds=1)
+    benchmark.pedantic(
+        lambda: ju.importances(model, loader, per_sample=True, progress=False), rounds=3, warmup_rounds=1
+    )
 
 
 def test_per_sample_loop(benchmark, per_sample_case):

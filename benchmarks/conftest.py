@@ -8,6 +8,7 @@ single benchmarks by up to 30 % between runs here.  So, for every benchmark alik
 are fixed once at start-up: no mmap below 32 MiB and no trimming below 1 GiB free.  Set
 JIT_UNLEARN_BENCH_MALLOC=default to keep glibc's adaptive behaviour.
 """
+
 import ctypes
 import os
 import sys

@@ -7,6 +7,7 @@ For each group, every entry's min and median time are divided by those of the gr
 Paired benchmarks (a baseline timed inside the same rounds, see bench_jit.py) also print the ratios
 they recorded in extra_info.
 """
+
 import json
 import sys
 from collections import defaultdict
@@ -25,14 +26,19 @@ def main(path: str) -> None:
         print(f"{'benchmark':58s} {'min ms':>10s} {'median ms':>10s} {'x min':>7s} {'x median':>8s}")
         for b in benches:
             s = b["stats"]
-            print(f"{b['name'][:58]:58s} {s['min'] * 1e3:10.3f} {s['median'] * 1e3:10.3f} "
-                  f"{s['min'] / best_min:7.2f} {s['median'] / best_med:8.2f}")
+            print(
+                f"{b['name'][:58]:58s} {s['min'] * 1e3:10.3f} {s['median'] * 1e3:10.3f} "
+                f"{s['min'] / best_min:7.2f} {s['median'] / best_med:8.2f}"
+            )
             extra = b.get("extra_info") or {}
             if "median_paired_ratio" in extra:  # a paired group: the baseline ran inside the rounds
-                print(f"{'  paired with its floor, rounds alternating:':58s} floor min {extra['floor_min'] * 1e3:.3f} ms, "
-                      f"median {extra['floor_median'] * 1e3:.3f} ms; ratio of mins {extra['ratio_of_mins']:.3f}, "
-                      f"of medians {extra['ratio_of_medians']:.3f}, median per-round ratio "
-                      f"{extra['median_paired_ratio']:.3f}")
+                label = "  paired with its floor, rounds alternating:"
+                print(
+                    f"{label:58s} floor min {extra['floor_min'] * 1e3:.3f} ms, "
+                    f"median {extra['floor_median'] * 1e3:.3f} ms; ratio of mins {extra['ratio_of_mins']:.3f}, "
+                    f"of medians {extra['ratio_of_medians']:.3f}, median per-round ratio "
+                    f"{extra['median_paired_ratio']:.3f}"
+                )
 
 
 if __name__ == "__main__":

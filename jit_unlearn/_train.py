@@ -1,14 +1,15 @@
 """A small supervised training loop (cross-entropy, SGD or Adam) shared by the retrain baseline and the CLI."""
+
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from . import _checks as checks
 from ._utils import batch_input, batch_labels, model_device, module_mode, progress
 
 _OPTIMIZERS = ("sgd", "adam")
@@ -33,30 +34,21 @@ class Recipe:
     seed: int = 0
 
     def __post_init__(self):
-        def bad(key, expected, value):
-            raise ValueError(f"{key}: expected {expected}, got {value!r}")
-
-        for key in ("epochs", "batch_size", "seed"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int):
-                bad(key, "an int", value)
-        if self.epochs < 0:
-            bad("epochs", "an int >= 0", self.epochs)
-        if self.batch_size < 1:
-            bad("batch_size", "an int >= 1", self.batch_size)
-        for key in ("lr", "momentum", "weight_decay", "label_smoothing"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                bad(key, "a finite number >= 0", value)
-        if not self.label_smoothing < 1:
-            bad("label_smoothing", "a number in [0, 1)", self.label_smoothing)
-        if self.optimizer not in _OPTIMIZERS:
-            bad("optimizer", f"one of {list(_OPTIMIZERS)}", self.optimizer)
-        if self.schedule not in _SCHEDULES:
-            bad("schedule", f"one of {list(_SCHEDULES)}", self.schedule)
+        # A recipe is usually a config section: every bad value is a ValueError naming its key.
+        try:
+            checks.integer(self.epochs, "epochs", low=0)
+            checks.integer(self.batch_size, "batch_size", low=1)
+            checks.integer(self.seed, "seed")
+            for key in ("lr", "momentum", "weight_decay"):
+                checks.real(getattr(self, key), key, low=0)
+            checks.real(self.label_smoothing, "label_smoothing", low=0, high=1, high_open=True)
+            checks.choice(self.optimizer, "optimizer", _OPTIMIZERS)
+            checks.choice(self.schedule, "schedule", _SCHEDULES)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
 
     @classmethod
-    def from_mapping(cls, values: Mapping, **defaults) -> "Recipe":
+    def from_mapping(cls, values: Mapping, **defaults) -> Recipe:
         """A recipe from a dict (e.g. a config section); unknown keys raise ValueError naming the key."""
         fields = {f.name for f in dataclasses.fields(cls)}
         for key in values:
@@ -78,6 +70,7 @@ def train(model: nn.Module, data, recipe: Recipe, *, show_progress: bool = False
     mode while training; each module's own mode is restored afterwards.  Returns the model."""
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe: expected a Recipe, got {type(recipe).__name__}")
+    checks.module(model)
     if len(data) == 0:
         raise ValueError("data: the training set is empty")
     device = model_device(model)

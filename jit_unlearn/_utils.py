@@ -1,5 +1,6 @@
 """Helpers shared by every method: reading batches out of any data source, restoring a model on
 failure, switching train/eval mode temporarily, and progress bars."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,18 +10,26 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from . import _checks as checks
+
 DEFAULT_BATCH_SIZE = 128
 
 
-def as_batches(data, batch_size: int | None = None, *, name: str = "data", shuffle: bool = False,
-               generator: torch.Generator | None = None) -> Iterable:
+def as_batches(
+    data,
+    batch_size: int | None = None,
+    *,
+    name: str = "data",
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+) -> Iterable:
     """An iterable of batches from a DataLoader (used as is), a Dataset, or a tensor.
 
     A tensor is one sample per row: it is split into batches of `batch_size` (default: the whole
     tensor is one batch when batch_size is None and it has at most DEFAULT_BATCH_SIZE rows, else
     DEFAULT_BATCH_SIZE).  A Dataset is wrapped in a DataLoader with `batch_size` (default 128).
     """
-    _check_batch_size(batch_size)
+    checks.optional_integer(batch_size, "batch_size", low=1)
     if isinstance(data, torch.Tensor):
         _check_rows(data, name)
         bs = batch_size or DEFAULT_BATCH_SIZE
@@ -48,34 +57,34 @@ def iter_batches(batches: Iterable) -> Iterator:
     tensors, size = batches.dataset.tensors, batches.batch_size
     rows = tensors[0].shape[0]
     stop = rows - rows % size if batches.drop_last else rows
-    return ([t[i:i + size].clone() for t in tensors] for i in range(0, stop, size))
+    return ([t[i : i + size].clone() for t in tensors] for i in range(0, stop, size))
 
 
 def _plain_tensor_loader(batches) -> bool:
     from torch.utils.data import BatchSampler, SequentialSampler
     from torch.utils.data._utils.collate import default_collate
 
-    return (type(batches) is DataLoader and type(batches.dataset) is TensorDataset
-            and batches.batch_size is not None and type(batches.sampler) is SequentialSampler
-            and type(batches.batch_sampler) is BatchSampler and batches.collate_fn is default_collate
-            and not batches.pin_memory)
+    return (
+        type(batches) is DataLoader
+        and type(batches.dataset) is TensorDataset
+        and batches.batch_size is not None
+        and type(batches.sampler) is SequentialSampler
+        and type(batches.batch_sampler) is BatchSampler
+        and batches.collate_fn is default_collate
+        and not batches.pin_memory
+    )
 
 
 def split_rows(data, batch_size: int | None = None, *, name: str = "data") -> tuple[torch.Tensor, ...]:
     """The batches a DataLoader over a tensor (or a one-tensor TensorDataset) of samples would yield,
     in order and without shuffling, as views of its rows: no per-sample gathering.  Checks as
     `as_batches` does."""
-    _check_batch_size(batch_size)
+    checks.optional_integer(batch_size, "batch_size", low=1)
     tensor = data.tensors[0] if isinstance(data, TensorDataset) else data
     if isinstance(data, TensorDataset) and len(data) == 0:
         raise ValueError(f"{name}: the dataset is empty")
     _check_rows(tensor, name)
     return tensor.split(batch_size or DEFAULT_BATCH_SIZE)
-
-
-def _check_batch_size(batch_size) -> None:
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size: must be a positive int, got {batch_size!r}")
 
 
 def _check_rows(data: torch.Tensor, name: str) -> None:
@@ -114,7 +123,33 @@ def first_batch(batches: Iterable, *, name: str = "data"):
     raise ValueError(f"{name}: yields no batches (empty)")
 
 
+def seeded_batches(data, batch_size: int | None, name: str, *, shuffle: bool = False, seed: int = 0) -> Iterable:
+    """`as_batches` for a required data argument; a DataLoader is used as is (batch_size applies to
+    tensors and Datasets), and a loader built here owns a generator seeded with `seed`, so it never
+    draws from the global RNG."""
+    if data is None:
+        raise ValueError(f"{name}: is required")
+    generator = torch.Generator().manual_seed(seed)
+    if isinstance(data, DataLoader):
+        batch_size = None
+    return as_batches(data, batch_size, name=name, shuffle=shuffle, generator=generator)
+
+
+def check_labelled(batches: Iterable, name: str) -> None:
+    """The data yields at least one batch, and batches carry labels (checked before any change).
+    A one-shot iterator is not peeked at (that would lose its first batch)."""
+    if isinstance(batches, Iterator):
+        return
+    try:
+        if len(batches) == 0:
+            raise ValueError(f"{name}: yields no batches (empty)")
+    except TypeError:
+        pass
+    batch_labels(first_batch(batches, name=name), name=name)
+
+
 def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (else buffer); CPU for a stateless model."""
     for p in model.parameters():
         return p.device
     for b in model.buffers():
@@ -122,24 +157,14 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def model_dtype(model: torch.nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def trainable_named_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
 def check_logits(out, batch_size: int, *, name: str = "model") -> torch.Tensor:
     """The model output must be a [B, K] tensor of logits."""
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"{name}: must return a [B, K] tensor of logits, returned {type(out).__name__}")
     if out.dim() != 2 or out.shape[0] != batch_size:
-        raise ValueError(f"{name}: must return a [B, K] tensor of logits with B={batch_size}, "
-                         f"returned shape {tuple(out.shape)}")
+        raise ValueError(
+            f"{name}: must return a [B, K] tensor of logits with B={batch_size}, returned shape {tuple(out.shape)}"
+        )
     return out
 
 
@@ -210,6 +235,7 @@ def module_mode(model: torch.nn.Module, training: bool | None, modules: list | N
 
 
 def params_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """True when no tensor holds a NaN or an inf (one host sync per tensor)."""
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 

@@ -17,6 +17,7 @@ When no process group is initialised, or it has one rank, every helper is the id
 so the methods call them unconditionally.  All helpers are collectives when active: every rank of
 the group must call them in the same order.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -27,9 +28,20 @@ import torch.distributed as dist
 from torch.utils.data import BatchSampler, DataLoader, IterableDataset, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["is_active", "world_size", "rank", "uses_distributed_sampler", "shard_batches", "same_batches",
-           "row_slice", "all_reduce_sum_", "all_reduce_count", "all_reduce_grads_", "check_same_model",
-           "BatchSplit"]
+__all__ = [
+    "is_active",
+    "world_size",
+    "rank",
+    "uses_distributed_sampler",
+    "shard_batches",
+    "same_batches",
+    "row_slice",
+    "all_reduce_sum_",
+    "all_reduce_count",
+    "all_reduce_grads_",
+    "check_same_model",
+    "BatchSplit",
+]
 
 # Tensors summed by one all-reduce are packed into flat buffers of at most this many bytes, so the
 # temporary copy stays bounded on large models while small models need a single collective.
@@ -99,12 +111,18 @@ def _rebuild(loader: DataLoader, units, generator: torch.Generator | None = None
     """A loader over the same dataset, collate function and worker settings that draws `units`
     (a list of index lists, or of indices when the loader does not batch automatically).
     `generator` (default: the loader's) only seeds the workers now that the order is fixed."""
-    kwargs = dict(num_workers=loader.num_workers, collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                  timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-                  multiprocessing_context=loader.multiprocessing_context,
-                  generator=loader.generator if generator is None else generator,
-                  persistent_workers=loader.persistent_workers, pin_memory_device=loader.pin_memory_device,
-                  in_order=getattr(loader, "in_order", True))
+    kwargs = dict(
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        multiprocessing_context=loader.multiprocessing_context,
+        generator=loader.generator if generator is None else generator,
+        persistent_workers=loader.persistent_workers,
+        pin_memory_device=loader.pin_memory_device,
+        in_order=getattr(loader, "in_order", True),
+    )
     if loader.num_workers > 0:
         kwargs["prefetch_factor"] = loader.prefetch_factor
     if loader.batch_sampler is not None:
@@ -126,8 +144,9 @@ def _rank0_units(loader: DataLoader, group=None) -> tuple[list, torch.Generator]
     torch.empty((), dtype=torch.int64).random_(generator=source)
     units = [list(u) if isinstance(u, (list, tuple)) else u for u in _units(loader)]
     box = [units]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0,
-                               group=group, device=_control_device(group))
+    dist.broadcast_object_list(
+        box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group, device=_control_device(group)
+    )
     return box[0], before
 
 
@@ -171,8 +190,7 @@ def shard_batches(batches: Iterable, group=None) -> Iterable:
 def same_batches(batches: Iterable, group=None) -> Iterable:
     """`batches` made identical on every rank: a map-style DataLoader with a non-sequential sampler
     is rebuilt to yield rank 0's draw; anything else is returned as is (it must already agree)."""
-    if not is_active(group) or not _map_style(batches) or _deterministic(batches) \
-            or uses_distributed_sampler(batches):
+    if not is_active(group) or not _map_style(batches) or _deterministic(batches) or uses_distributed_sampler(batches):
         return batches
     units, generator = _rank0_units(batches, group)
     return _rebuild(batches, units, generator)
@@ -223,7 +241,7 @@ def _reduce_bucket(bucket: list[torch.Tensor], group) -> None:
     offset = 0
     for t in bucket:
         n = t.numel()
-        t.copy_(flat[offset:offset + n].view(t.shape))
+        t.copy_(flat[offset : offset + n].view(t.shape))
         offset += n
 
 
@@ -279,8 +297,7 @@ def _checksum(t: torch.Tensor) -> torch.Tensor:
     for words in _bit_words(t):
         for piece in words.split(_CHECKSUM_PIECE):
             w = piece % p
-            pos = torch.arange(position + 1, position + 1 + piece.numel(), dtype=torch.int64,
-                               device=t.device) % p
+            pos = torch.arange(position + 1, position + 1 + piece.numel(), dtype=torch.int64, device=t.device) % p
             s1 = (s1 + w.sum()) % p
             s2 = (s2 + ((w * pos) % p).sum()) % p
             position += piece.numel()
@@ -293,17 +310,22 @@ def _check_replicated(model: torch.nn.Module) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(model, DistributedDataParallel):
-        raise TypeError("model: pass the module inside DistributedDataParallel (model.module); "
-                        "jit_unlearn reduces gradients and importances across ranks itself")
+        raise TypeError(
+            "model: pass the module inside DistributedDataParallel (model.module); "
+            "jit_unlearn reduces gradients and importances across ranks itself"
+        )
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:
         DTensor = ()
     sharded = any(isinstance(p, DTensor) for p in model.parameters()) or any(
-        type(m).__name__ == "FullyShardedDataParallel" for m in model.modules())
+        type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()
+    )
     if sharded:
-        raise NotImplementedError("model: has sharded (FSDP / DTensor) parameters; jit_unlearn needs the "
-                                  "full model on every rank (see docs/DISTRIBUTED.md, sharded models)")
+        raise NotImplementedError(
+            "model: has sharded (FSDP / DTensor) parameters; jit_unlearn needs the "
+            "full model on every rank (see docs/DISTRIBUTED.md, sharded models)"
+        )
 
 
 def check_same_model(model: torch.nn.Module, group=None, *, buffers: bool = True) -> None:
@@ -330,8 +352,10 @@ def check_same_model(model: torch.nn.Module, group=None, *, buffers: bool = True
     dist.all_gather(gathered, signature, group=group)
     for r, other in enumerate(gathered):
         if not torch.equal(other, gathered[0]):
-            raise RuntimeError(f"model: rank {r} holds a model with other parameter names, shapes or "
-                               "dtypes than rank 0; build the same architecture on every rank")
+            raise RuntimeError(
+                f"model: rank {r} holds a model with other parameter names, shapes or "
+                "dtypes than rank 0; build the same architecture on every rank"
+            )
     if not named:
         return
     sums = torch.stack([_checksum(t).to(device) for _, t in named])
@@ -341,9 +365,11 @@ def check_same_model(model: torch.nn.Module, group=None, *, buffers: bool = True
         differs = (other != gathered[0]).any(dim=1)
         if bool(differs.any()):
             name = named[int(differs.nonzero()[0, 0])][0]
-            raise RuntimeError(f"model: rank {r} holds different values than rank 0 (first in {name!r}); "
-                               "load the same weights on every rank (or broadcast rank 0's state) "
-                               "before unlearning")
+            raise RuntimeError(
+                f"model: rank {r} holds different values than rank 0 (first in {name!r}); "
+                "load the same weights on every rank (or broadcast rank 0's state) "
+                "before unlearning"
+            )
 
 
 class BatchSplit:

@@ -1,4 +1,5 @@
-"""Small reference classifiers: an MLP, two small CNNs, and a CIFAR-style ResNet-18 (3x3 stem)."""
+"""Small classifiers for tests and demos: an MLP, two small CNNs, and a CIFAR-style ResNet-18 (3x3 stem)."""
+
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,9 @@ from torch import nn
 class MLP(nn.Sequential):
     """Fully connected ReLU network: in_features -> hidden... -> num_classes.  Input [B, *] is flattened."""
 
-    def __init__(self, in_features: int = 64, hidden: tuple[int, ...] = (256, 256), num_classes: int = 10,
-                 dropout: float = 0.0):
+    def __init__(
+        self, in_features: int = 64, hidden: tuple[int, ...] = (256, 256), num_classes: int = 10, dropout: float = 0.0
+    ):
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for h in hidden:
@@ -27,9 +29,13 @@ class SmallCNN(nn.Module):
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, dropout: float = 0.0):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(inplace=True),
             nn.AdaptiveAvgPool2d(1),
         )
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -45,18 +51,25 @@ class ConvNet(nn.Module):
     (2 width x 4 x 4) -> Linear hidden -> ReLU -> Linear num_classes.  Unpadded convolutions:
     28 -> 24 -> 12 -> 8 -> 4."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, hidden: int = 128,
-                 image_size: int = 28):
+    def __init__(
+        self, in_channels: int = 1, num_classes: int = 10, width: int = 32, hidden: int = 128, image_size: int = 28
+    ):
         super().__init__()
         side = ((image_size - 4) // 2 - 4) // 2
         if side < 1:
             raise ValueError(f"image_size: expected at least 16 (two 5x5 convolutions and 2x2 pools), got {image_size}")
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(width, 2 * width, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, width, 5),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 5),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(2 * width * side * side, hidden), nn.ReLU(inplace=True),
+            nn.Flatten(),
+            nn.Linear(2 * width * side * side, hidden),
+            nn.ReLU(inplace=True),
             nn.Linear(hidden, num_classes),
         )
 
@@ -76,8 +89,9 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
-                                          nn.BatchNorm2d(planes))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

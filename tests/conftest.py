@@ -1,4 +1,5 @@
-"""Shared test configuration."""
+"""Shared test configuration and helpers (import them with `from conftest import ...`)."""
+
 import os
 
 import pytest
@@ -6,7 +7,18 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def subprocess_env(root: str = ROOT, **extra: str) -> dict:
+    """The environment of a child interpreter that imports jit_unlearn from `root` (this checkout by
+    default): `root` first on PYTHONPATH, plus the `extra` variables."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
 
 
 @pytest.fixture(params=["compiled", "torch"])

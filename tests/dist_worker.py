@@ -6,6 +6,7 @@ Scenarios: "compare" (helpers, importances, SSD family and JiT on each rank, sav
 OUT_DIR/rank{r}.pt), "raise" (rank 1 raises mid-run), "hang" (rank 1 stops taking part; the others
 time out).  The problem builders below are imported by the test to compute the single-process results.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -66,8 +67,11 @@ def state(model) -> dict[str, torch.Tensor]:
 
 
 def imp_record(imp) -> dict:
-    return {"tensors": {k: v.clone() for k, v in imp.items()}, "num_samples": imp.num_samples,
-            "num_batches": imp.num_batches}
+    return {
+        "tensors": {k: v.clone() for k, v in imp.items()},
+        "num_samples": imp.num_samples,
+        "num_batches": imp.num_batches,
+    }
 
 
 def _batches_as_lists(batches) -> list[list[int]]:
@@ -82,20 +86,30 @@ def compare(rank: int) -> dict:
     # -- helpers ---------------------------------------------------------------------------------
     idx = TensorDataset(torch.arange(NUM_SAMPLES))
     out["shard_seq"] = _batches_as_lists(D.shard_batches(DataLoader(idx, batch_size=BATCH)))
-    out["shard_shuffled"] = _batches_as_lists(D.shard_batches(
-        DataLoader(idx, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(100 + rank))))
+    out["shard_shuffled"] = _batches_as_lists(
+        D.shard_batches(
+            DataLoader(idx, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(100 + rank))
+        )
+    )
     torch.manual_seed(5 + rank)  # ranks disagree; rank 0's draw must win
     out["shard_global_rng"] = _batches_as_lists(D.shard_batches(DataLoader(idx, batch_size=BATCH, shuffle=True)))
     out["after_global_rng"] = torch.rand(3)
     out["shard_list"] = _batches_as_lists(D.shard_batches([torch.tensor([i]) for i in range(5)]))
     dsl = DataLoader(idx, batch_size=BATCH, sampler=DistributedSampler(idx, shuffle=False))
     out["dist_sampler_kept"] = D.shard_batches(dsl) is dsl
-    out["same_shuffled"] = _batches_as_lists(D.same_batches(
-        DataLoader(idx, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(100 + rank))))
+    out["same_shuffled"] = _batches_as_lists(
+        D.same_batches(
+            DataLoader(idx, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(100 + rank))
+        )
+    )
     out["row_slices"] = [(s.start, s.stop) for s in (D.row_slice(n) for n in range(6))]
 
-    small = [torch.full((3,), float(rank + 1)), torch.arange(6.0).view(2, 3).t() * (rank + 1),
-             torch.tensor([rank + 1], dtype=torch.int64), torch.ones(2, dtype=torch.float64)]
+    small = [
+        torch.full((3,), float(rank + 1)),
+        torch.arange(6.0).view(2, 3).t() * (rank + 1),
+        torch.tensor([rank + 1], dtype=torch.int64),
+        torch.ones(2, dtype=torch.float64),
+    ]
     bucket = D.BUCKET_BYTES
     D.BUCKET_BYTES = 16  # force several buckets
     D.all_reduce_sum_(small)
@@ -129,13 +143,15 @@ def compare(rank: int) -> dict:
         out["ddp_error"] = None
     except TypeError as exc:
         out["ddp_error"] = str(exc)
-    out["ddp_unchanged"] = all(torch.equal(a, b) for a, b in zip(state(ddp.module).values(),
-                                                                  state(make_model()).values()))
+    out["ddp_unchanged"] = all(
+        torch.equal(a, b) for a, b in zip(state(ddp.module).values(), state(make_model()).values())
+    )
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
     sharded = torch.nn.Linear(4, 4)
-    sharded.weight = torch.nn.Parameter(distribute_tensor(sharded.weight.detach(), init_device_mesh("cpu", (WORLD,)),
-                                                          [Shard(0)]))
+    sharded.weight = torch.nn.Parameter(
+        distribute_tensor(sharded.weight.detach(), init_device_mesh("cpu", (WORLD,)), [Shard(0)])
+    )
     try:
         D.check_same_model(sharded)
         out["dtensor_error"] = None
@@ -146,18 +162,18 @@ def compare(rank: int) -> dict:
     x, y = make_data()
     for kind in ("fisher", "output_norm"):
         for per_sample in (False, True):
-            imp = jit_unlearn.importances(make_model(), loader(x, y), kind=kind, per_sample=per_sample,
-                                          progress=False)
+            imp = jit_unlearn.importances(make_model(), loader(x, y), kind=kind, per_sample=per_sample, progress=False)
             out[f"imp_{kind}_{int(per_sample)}"] = imp_record(imp)
-    out["imp_shuffled"] = imp_record(jit_unlearn.importances(make_model(), loader(x, y, seed=100 + rank),
-                                                             progress=False))
+    out["imp_shuffled"] = imp_record(
+        jit_unlearn.importances(make_model(), loader(x, y, seed=100 + rank), progress=False)
+    )
     ds = TensorDataset(x, y)
     dsl = DataLoader(ds, batch_size=BATCH, sampler=DistributedSampler(ds, shuffle=False))
-    out["imp_dist_sampler"] = imp_record(jit_unlearn.importances(make_model(), dsl, per_sample=True,
-                                                                 progress=False))
+    out["imp_dist_sampler"] = imp_record(jit_unlearn.importances(make_model(), dsl, per_sample=True, progress=False))
     tensor_input = x[:11]  # a bare tensor of inputs: one batch, so rank 1 has none
-    out["imp_one_batch"] = imp_record(jit_unlearn.importances(make_model(), tensor_input, kind="output_norm",
-                                                              progress=False))
+    out["imp_one_batch"] = imp_record(
+        jit_unlearn.importances(make_model(), tensor_input, kind="output_norm", progress=False)
+    )
 
     # -- SSD family ------------------------------------------------------------------------------
     xf, yf = forget_split(x, y)
@@ -177,8 +193,12 @@ def compare(rank: int) -> dict:
     out["jit_shuffled"] = state(model)
     model = make_model()
     fds = TensorDataset(xf[:8])
-    jit_unlearn.jit(model, DataLoader(fds, batch_size=2, sampler=DistributedSampler(fds, shuffle=False)),
-                    reduction="mean", **JIT_ARGS)
+    jit_unlearn.jit(
+        model,
+        DataLoader(fds, batch_size=2, sampler=DistributedSampler(fds, shuffle=False)),
+        reduction="mean",
+        **JIT_ARGS,
+    )
     out["jit_presharded"] = state(model)
     return out
 

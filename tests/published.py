@@ -1,5 +1,6 @@
 """Plain transcriptions of the published SSD / LF-SSD code (calc_importance, modify_weight), written
-from ALGORITHMS.md section 2: the independent oracle that tests and benchmarks compare against."""
+from docs/METHODS.md §2: the independent oracle that tests and benchmarks compare against."""
+
 import torch
 from torch import nn
 

@@ -1,36 +1,33 @@
 """The `jit-unlearn` command: `run CONFIG` end to end, config errors, and `demo --fast`, as subprocesses."""
+
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from conftest import subprocess_env
 from jit_unlearn import cli, models
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = ("method", "seconds", "forget acc", "retain acc", "test acc", "entropy MIA", "loss MIA")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"  # tiny models; avoids OpenMP hand-off costs on a shared machine
-    return env
+    return subprocess_env(OMP_NUM_THREADS="1")  # tiny models; avoids OpenMP hand-off costs on a shared machine
 
 
 def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "jit_unlearn.cli", *args], capture_output=True, text=True,
-                          env=_env(), cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "jit_unlearn.cli", *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def _tiny_config(**changes):
@@ -122,8 +119,11 @@ alpha = 10.0
 
 
 def test_run_sub_class(tmp_path):
-    cfg = _tiny_config(scenario={"kind": "sub_class", "fine_class": 7, "coarse_of": [f % 2 for f in range(10)]},
-                       methods=[{"name": "lf_ssd", "alpha": 5.0}], retrain=False)
+    cfg = _tiny_config(
+        scenario={"kind": "sub_class", "fine_class": 7, "coarse_of": [f % 2 for f in range(10)]},
+        methods=[{"name": "lf_ssd", "alpha": 5.0}],
+        retrain=False,
+    )
     cfg["model"]["kwargs"]["num_classes"] = 2
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
@@ -134,8 +134,10 @@ def test_run_sub_class(tmp_path):
 
 
 _BAD = [
-    (dict(**{"scenario.kind": "everything"}),
-     "config key 'scenario.kind': expected one of ['full_class', 'sub_class', 'random'], got 'everything'"),
+    (
+        dict(**{"scenario.kind": "everything"}),
+        "config key 'scenario.kind': expected one of ['full_class', 'sub_class', 'random'], got 'everything'",
+    ),
     (dict(dataset=None), "config key 'dataset': missing"),
     (dict(**{"dataset.name": "imagenet"}), "config key 'dataset.name': expected one of"),
     (dict(**{"dataset.test_fraction": 2}), "config key 'dataset.test_fraction'"),
@@ -198,12 +200,14 @@ class _Opaque:
 
 def test_bad_config_subprocess_has_no_traceback(tmp_path):
     path = tmp_path / "cfg.toml"
-    path.write_text('[dataset]\nname = "mnist"\n[model]\nname = "mlp"\n[scenario]\nkind = "half_class"\n'
-                    '[[methods]]\nname = "jit"\n')
+    path.write_text(
+        '[dataset]\nname = "mnist"\n[model]\nname = "mlp"\n[scenario]\nkind = "half_class"\n[[methods]]\nname = "jit"\n'
+    )
     proc = _cli("run", str(path))
     assert proc.returncode == 2
-    assert proc.stderr.strip() == ("error: config key 'scenario.kind': expected one of "
-                                   "['full_class', 'sub_class', 'random'], got 'half_class'")
+    assert proc.stderr.strip() == (
+        "error: config key 'scenario.kind': expected one of ['full_class', 'sub_class', 'random'], got 'half_class'"
+    )
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
@@ -230,14 +234,33 @@ def test_help_example_config_is_valid():
 
 def test_plot_is_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
-    rows = [{"method": "m", "seconds": 1.0, "forget_acc": 0.5, "test_acc_remaining": 0.9, "entropy_mia": 0.1,
-             "loss_mia": 0.5, "kind": "method"}]
+    rows = [
+        {
+            "method": "m",
+            "seconds": 1.0,
+            "forget_acc": 0.5,
+            "test_acc_remaining": 0.9,
+            "entropy_mia": 0.1,
+            "loss_mia": 0.5,
+            "kind": "method",
+        }
+    ]
     note = cli.write_plot(rows, str(tmp_path / "p.png"))
     assert "matplotlib is not installed" in note and not (tmp_path / "p.png").exists()
 
 
 def test_table_format():
-    rows = [{"method": "m", "seconds": 1.25, "forget_acc": 0.5, "retain_acc": 1.0, "test_acc": 0.25,
-             "test_acc_remaining": float("nan"), "entropy_mia": None, "loss_mia": 0.125}]
+    rows = [
+        {
+            "method": "m",
+            "seconds": 1.25,
+            "forget_acc": 0.5,
+            "retain_acc": 1.0,
+            "test_acc": 0.25,
+            "test_acc_remaining": float("nan"),
+            "entropy_mia": None,
+            "loss_mia": 0.125,
+        }
+    ]
     lines = cli.format_table(rows).splitlines()
     assert lines[2].split() == ["m", "1.2", "50.0%", "100.0%", "25.0%", "-", "-", "12.5%"]

@@ -3,7 +3,7 @@
 Each variant runs in a subprocess with ATEN_CPU_CAPABILITY capping the level (ATen caps it further
 to what the CPU has, so on a machine without AVX-512 two runs use the AVX2 copy); every output of
 perturb and of the Lipschitz forward and backward must match the baseline copy bit for bit."""
-import os
+
 import subprocess
 import sys
 import textwrap
@@ -11,9 +11,9 @@ import textwrap
 import pytest
 import torch
 
-from jit_unlearn import _backend, reference
+from conftest import subprocess_env
+from jit_unlearn import _backend, torch_ops
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPABILITIES = ("default", "avx2", "avx512")
 
 pytestmark = pytest.mark.skipif(not _backend.has_kernel("cpu"), reason="compiled CPU kernels not built")
@@ -66,16 +66,21 @@ torch.save(results, sys.argv[1])
 
 
 def _run_variant(capability: str, path: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               ATEN_CPU_CAPABILITY=capability)
+    env = subprocess_env(ATEN_CPU_CAPABILITY=capability)
     env.pop("JIT_UNLEARN_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_CHILD), path], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_CHILD), path], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     return torch.load(path, weights_only=True)
 
 
-_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+_BITS = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.bfloat16: torch.int16,
+    torch.float16: torch.int16,
+}
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -104,10 +109,10 @@ def test_isa_variants_agree_bitwise(tmp_path):
                 continue
             for a, b in zip(_flat(got[key]), _flat(base[key])):
                 assert _same_bits(a, b), f"{key} differs between ATEN_CPU_CAPABILITY={cap} and default"
-    # and the noise is the reference tier's, whichever copy drew it
+    # and the noise is the pure-PyTorch tier's, whichever copy drew it
     x = torch.randint(-4 * 2**16, 4 * 2**16, (37, 3, 11, 7), generator=torch.Generator().manual_seed(0))
     x = (x.double() / 2**16).float()
-    want = reference.perturb(x, 5, 0.4, 2**40 + 3, 9, True)
+    want = torch_ops.perturb(x, 5, 0.4, 2**40 + 3, 9, True)
     assert torch.equal(base["perturb_torch.float32_True"][0], want[0])
 
 

@@ -1,5 +1,6 @@
-"""Tests for DEL: localization against a transcription of ALGORITHMS.md §3, masked fine-tuning,
+"""Tests for DEL: localization against a transcription of docs/METHODS.md §3, masked fine-tuning,
 the reset, argument checks, and real forgetting on bundled MNIST."""
+
 import math
 
 import numpy as np
@@ -12,7 +13,6 @@ from torch.utils.data import DataLoader, TensorDataset
 import jit_unlearn as ju
 from jit_unlearn.data import digits, mnist
 from jit_unlearn.models import MLP
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -57,7 +57,7 @@ def make_net(seed=0, dtype=torch.float32):
 
 def digit_images(n, offset=0, dtype=torch.float32):
     x, y = digits(image=True).tensors
-    return x[offset:offset + n].to(dtype), y[offset:offset + n]
+    return x[offset : offset + n].to(dtype), y[offset : offset + n]
 
 
 def batches_of(x, y, size):
@@ -71,8 +71,9 @@ def state_bits(model):
 def assert_bitwise_equal(a, b):
     assert a.keys() == b.keys()
     for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(-1).view(torch.uint8),
-                                                        b[k].view(-1).view(torch.uint8)), k
+        assert a[k].dtype == b[k].dtype and torch.equal(
+            a[k].view(-1).view(torch.uint8), b[k].view(-1).view(torch.uint8)
+        ), k
 
 
 def reference_scores(model, batches, criterion, granularity, h_table):
@@ -110,7 +111,7 @@ def reference_select(shapes, flat, budget):
     out, start = {}, 0
     for n, shape in shapes:
         size = math.prod(shape)
-        out[n] = torch.from_numpy(selected[start:start + size].reshape(shape))
+        out[n] = torch.from_numpy(selected[start : start + size].reshape(shape))
         start += size
     return out
 
@@ -130,8 +131,15 @@ def test_localize_matches_transcription(criterion, granularity, budget, top_frac
     x, y = digit_images(96)
     batches = batches_of(x, y, 32)
     before = state_bits(net)
-    mask = ju.localize(net, batches, criterion=criterion, granularity=granularity, budget=budget,
-                       top_fraction=top_fraction, progress=False)
+    mask = ju.localize(
+        net,
+        batches,
+        criterion=criterion,
+        granularity=granularity,
+        budget=budget,
+        top_fraction=top_fraction,
+        progress=False,
+    )
     assert_bitwise_equal(before, state_bits(net))
     expected = reference_mask(net, batches, criterion, granularity, budget, HAND_H[top_fraction])
     total = sum(p.numel() for p in net.parameters())
@@ -264,8 +272,18 @@ def test_masked_finetune_moves_only_masked_entries(weight_decay, objective):
     net.eval()
     seen_modes = []
     hook = net.conv1.register_forward_hook(lambda mod, i, o: seen_modes.append(mod.training))
-    report = ju.masked_finetune(net, mask, TensorDataset(xr, yr), forget=TensorDataset(xf, yf), objective=objective,
-                                lr=0.1, epochs=2, batch_size=64, weight_decay=weight_decay, progress=False)
+    report = ju.masked_finetune(
+        net,
+        mask,
+        TensorDataset(xr, yr),
+        forget=TensorDataset(xf, yf),
+        objective=objective,
+        lr=0.1,
+        epochs=2,
+        batch_size=64,
+        weight_decay=weight_decay,
+        progress=False,
+    )
     hook.remove()
     assert report.steps == 6 and report.epochs == 2 and math.isfinite(report.final_loss)
     assert all(seen_modes) and not any(m.training for m in net.modules())
@@ -279,8 +297,9 @@ def test_masked_finetune_head_trains_fully():
     xr, yr = digit_images(128)
     mask = ju.Mask({n: torch.zeros_like(p, dtype=torch.bool) for n, p in net.named_parameters()})
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    ju.masked_finetune(net, mask, TensorDataset(xr, yr), lr=0.1, epochs=1, batch_size=64, weight_decay=0.01,
-                       head="fc", progress=False)
+    ju.masked_finetune(
+        net, mask, TensorDataset(xr, yr), lr=0.1, epochs=1, batch_size=64, weight_decay=0.01, head="fc", progress=False
+    )
     for n, p in net.named_parameters():
         if n.startswith("fc."):
             assert bool((p.detach() != before[n]).all()), n
@@ -296,8 +315,9 @@ def test_full_mask_matches_plain_sgd(weight_decay):
     net, ref = make_net(), make_net()
     mask = ju.Mask({n: torch.ones_like(p, dtype=torch.bool) for n, p in net.named_parameters()})
     lr, epochs, momentum = 0.05, 2, 0.9
-    ju.masked_finetune(net, mask, loader, lr=lr, epochs=epochs, momentum=momentum, weight_decay=weight_decay,
-                       progress=False)
+    ju.masked_finetune(
+        net, mask, loader, lr=lr, epochs=epochs, momentum=momentum, weight_decay=weight_decay, progress=False
+    )
     opt = torch.optim.SGD(ref.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     total, step = epochs * len(loader), 0
     ref.train()
@@ -323,8 +343,15 @@ def test_reset_takes_values_from_state_dict():
     xf, yf = digit_images(40)
     xr, yr = digit_images(100, offset=40)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    report = ju.del_unlearn(net, TensorDataset(xf, yf), TensorDataset(xr, yr), init=fresh.state_dict(),
-                            epochs=0, batch_size=20, progress=False)
+    report = ju.del_unlearn(
+        net,
+        TensorDataset(xf, yf),
+        TensorDataset(xr, yr),
+        init=fresh.state_dict(),
+        epochs=0,
+        batch_size=20,
+        progress=False,
+    )
     init = dict(fresh.named_parameters())
     assert report.masked == int(0.3 * report.total) and report.steps == 0 and report.head == "fc"
     for n, p in net.named_parameters():
@@ -340,8 +367,16 @@ def test_reset_takes_values_from_factory():
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     torch.manual_seed(1234)
     rng_before = torch.get_rng_state()
-    report = ju.del_unlearn(net, TensorDataset(xf, yf), TensorDataset(xr, yr), init=TinyConvNet, epochs=0,
-                            seed=5, batch_size=20, progress=False)
+    report = ju.del_unlearn(
+        net,
+        TensorDataset(xf, yf),
+        TensorDataset(xr, yr),
+        init=TinyConvNet,
+        epochs=0,
+        seed=5,
+        batch_size=20,
+        progress=False,
+    )
     assert torch.equal(torch.get_rng_state(), rng_before)
     torch.manual_seed(5)
     init = dict(TinyConvNet().named_parameters())
@@ -356,8 +391,16 @@ def test_del_fine_tune_keeps_unmasked_entries_except_head():
     xf, yf = digit_images(40)
     xr, yr = digit_images(128, offset=40)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    report = ju.del_unlearn(net, TensorDataset(xf, yf), TensorDataset(xr, yr), init=TinyConvNet, epochs=2,
-                            batch_size=64, weight_decay=5e-4, progress=False)
+    report = ju.del_unlearn(
+        net,
+        TensorDataset(xf, yf),
+        TensorDataset(xr, yr),
+        init=TinyConvNet,
+        epochs=2,
+        batch_size=64,
+        weight_decay=5e-4,
+        progress=False,
+    )
     assert report.steps == 4 and report.seconds >= report.seconds_finetune >= 0
     head_free = ju.Mask({n: (m if not n.startswith("fc.") else torch.ones_like(m)) for n, m in report.mask.items()})
     assert unmasked_bits_equal(head_free, before, net)
@@ -372,24 +415,27 @@ def _good_args():
     return TensorDataset(xf, yf), TensorDataset(xr, yr)
 
 
-@pytest.mark.parametrize("kwargs,exc,word", [
-    ({"budget": 0.0}, ValueError, "budget"),
-    ({"budget": 1.5}, ValueError, "budget"),
-    ({"budget": float("nan")}, ValueError, "budget"),
-    ({"budget": True}, TypeError, "budget"),
-    ({"top_fraction": 0.0}, ValueError, "top_fraction"),
-    ({"top_fraction": 1.01}, ValueError, "top_fraction"),
-    ({"criterion": "fisher"}, ValueError, "criterion"),
-    ({"granularity": "row"}, ValueError, "granularity"),
-    ({"lr": -1.0}, ValueError, "lr"),
-    ({"epochs": 1.5}, TypeError, "epochs"),
-    ({"momentum": 1.0}, ValueError, "momentum"),
-    ({"weight_decay": -0.1}, ValueError, "weight_decay"),
-    ({"batch_size": 0}, ValueError, "batch_size"),
-    ({"head": "classifier"}, ValueError, "head"),
-    ({"init": lambda: MLP(64)}, ValueError, "init"),
-    ({"init": "weights.pt"}, TypeError, "init"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,word",
+    [
+        ({"budget": 0.0}, ValueError, "budget"),
+        ({"budget": 1.5}, ValueError, "budget"),
+        ({"budget": float("nan")}, ValueError, "budget"),
+        ({"budget": True}, TypeError, "budget"),
+        ({"top_fraction": 0.0}, ValueError, "top_fraction"),
+        ({"top_fraction": 1.01}, ValueError, "top_fraction"),
+        ({"criterion": "fisher"}, ValueError, "criterion"),
+        ({"granularity": "row"}, ValueError, "granularity"),
+        ({"lr": -1.0}, ValueError, "lr"),
+        ({"epochs": 1.5}, TypeError, "epochs"),
+        ({"momentum": 1.0}, ValueError, "momentum"),
+        ({"weight_decay": -0.1}, ValueError, "weight_decay"),
+        ({"batch_size": 0}, ValueError, "batch_size"),
+        ({"head": "classifier"}, ValueError, "head"),
+        ({"init": lambda: MLP(64)}, ValueError, "init"),
+        ({"init": "weights.pt"}, TypeError, "init"),
+    ],
+)
 def test_del_bad_arguments_leave_model_untouched(kwargs, exc, word):
     net = make_net()
     forget, retain = _good_args()
@@ -433,11 +479,13 @@ def test_masked_finetune_bad_arguments():
     with pytest.raises(TypeError, match="mask"):
         ju.masked_finetune(net, dict(mask), retain, lr=0.1, epochs=1, progress=False)
     with pytest.raises(ValueError, match="mask"):
-        ju.masked_finetune(net, ju.Mask({"x": torch.ones(1, dtype=torch.bool)}), retain, lr=0.1, epochs=1,
-                           progress=False)
+        ju.masked_finetune(
+            net, ju.Mask({"x": torch.ones(1, dtype=torch.bool)}), retain, lr=0.1, epochs=1, progress=False
+        )
     with pytest.raises(ValueError, match="beta"):
-        ju.masked_finetune(net, mask, retain, forget=forget, objective="neggrad_plus", beta=-1.0, lr=0.1,
-                           epochs=1, progress=False)
+        ju.masked_finetune(
+            net, mask, retain, forget=forget, objective="neggrad_plus", beta=-1.0, lr=0.1, epochs=1, progress=False
+        )
     assert_bitwise_equal(before, state_bits(net))
 
 
@@ -464,13 +512,27 @@ def test_failure_mid_run_restores_model():
     xr, yr = digit_images(96, offset=20)
     before = state_bits(net)
     with pytest.raises(KeyboardInterrupt):
-        ju.del_unlearn(net, TensorDataset(xf, yf), _Interrupting(list(batches_of(xr, yr, 32))), init=TinyConvNet,
-                       epochs=3, progress=False)
+        ju.del_unlearn(
+            net,
+            TensorDataset(xf, yf),
+            _Interrupting(list(batches_of(xr, yr, 32))),
+            init=TinyConvNet,
+            epochs=3,
+            progress=False,
+        )
     assert_bitwise_equal(before, state_bits(net))
     assert not any(m.training for m in net.modules())
     with pytest.raises(RuntimeError, match="diverged"):
-        ju.del_unlearn(net, TensorDataset(xf, yf), TensorDataset(xr, yr), init=TinyConvNet, lr=1e35, epochs=2,
-                       batch_size=32, progress=False)
+        ju.del_unlearn(
+            net,
+            TensorDataset(xf, yf),
+            TensorDataset(xr, yr),
+            init=TinyConvNet,
+            lr=1e35,
+            epochs=2,
+            batch_size=32,
+            progress=False,
+        )
     assert_bitwise_equal(before, state_bits(net))
 
 
@@ -485,7 +547,7 @@ def _train(x, y, seed, epochs=30):
     for _ in range(epochs):
         order = torch.randperm(len(y), generator=g)
         for i in range(0, len(y), 128):
-            idx = order[i:i + 128]
+            idx = order[i : i + 128]
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
@@ -512,7 +574,7 @@ def test_del_forgets_like_retraining(mnist_split, scenario):
     xtr, ytr, xte, yte, original = mnist_split
     if scenario == "random":
         forget = torch.zeros(len(ytr), dtype=torch.bool)
-        forget[torch.randperm(len(ytr), generator=torch.Generator().manual_seed(1))[:len(ytr) // 10]] = True
+        forget[torch.randperm(len(ytr), generator=torch.Generator().manual_seed(1))[: len(ytr) // 10]] = True
         keep_test = torch.ones(len(yte), dtype=torch.bool)
     else:
         forget, keep_test = ytr == 3, yte != 3
@@ -520,8 +582,17 @@ def test_del_forgets_like_retraining(mnist_split, scenario):
     retrained = _train(xr, yr, seed=1)
     model = MLP(784, (128,), 10)
     model.load_state_dict(original.state_dict())
-    report = ju.del_unlearn(model, TensorDataset(xf, yf), TensorDataset(xr, yr), init=lambda: MLP(784, (128,), 10),
-                            budget=0.3, lr=0.05, epochs=10, batch_size=128, progress=False)
+    report = ju.del_unlearn(
+        model,
+        TensorDataset(xf, yf),
+        TensorDataset(xr, yr),
+        init=lambda: MLP(784, (128,), 10),
+        budget=0.3,
+        lr=0.05,
+        epochs=10,
+        batch_size=128,
+        progress=False,
+    )
     assert report.head == "3" and report.steps == 10 * math.ceil(len(yr) / 128)
     acc_orig, acc_retr, acc_del = (_accuracy(m, xf, yf) for m in (original, retrained, model))
     assert acc_orig == 1.0

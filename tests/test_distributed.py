@@ -1,4 +1,5 @@
 """Distributed importances, SSD and JiT under torchrun (2 ranks, gloo, CPU) against one process."""
+
 from __future__ import annotations
 
 import os
@@ -12,24 +13,36 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 
+import conftest
 import dist_worker as W
+from conftest import subprocess_env
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="torch.distributed with the gloo backend is not available")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with the gloo backend is not available",
+)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(conftest.ROOT)
 LAUNCH_TIMEOUT_S = 90
 
 
 def _launch(scenario: str, out_dir: Path) -> tuple[int, str]:
     """Run the worker on 2 ranks; returns (exit code, stdout + stderr).  The whole process group is
     killed if it outlives LAUNCH_TIMEOUT_S, so a hang fails the test instead of the test run."""
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={W.WORLD}",
-           str(ROOT / "tests" / "dist_worker.py"), scenario, str(out_dir)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    env = subprocess_env(OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={W.WORLD}",
+        str(ROOT / "tests" / "dist_worker.py"),
+        scenario,
+        str(out_dir),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     try:
         output, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -62,11 +75,12 @@ def _index_data():
 
 # -- helpers -----------------------------------------------------------------------------------------
 
+
 def test_shard_batches_partitions_the_loader(ranks):
     every = _ids(DataLoader(_index_data(), batch_size=W.BATCH))
     for r, res in enumerate(ranks):
-        assert res["shard_seq"] == every[r::W.WORLD]
-        assert res["shard_list"] == [[i] for i in range(5)][r::W.WORLD]
+        assert res["shard_seq"] == every[r :: W.WORLD]
+        assert res["shard_list"] == [[i] for i in range(5)][r :: W.WORLD]
         assert res["dist_sampler_kept"] is True
     assert sorted(i for res in ranks for b in res["shard_seq"] for i in b) == list(range(W.NUM_SAMPLES))
 
@@ -74,10 +88,11 @@ def test_shard_batches_partitions_the_loader(ranks):
 def test_shuffled_loader_is_split_as_rank0_draws_it(ranks):
     # rank r's loader draws from a generator seeded 100 + r: the split follows rank 0's order,
     # exactly what iterating rank 0's loader in one process yields
-    every = _ids(DataLoader(_index_data(), batch_size=W.BATCH, shuffle=True,
-                            generator=torch.Generator().manual_seed(100)))
+    every = _ids(
+        DataLoader(_index_data(), batch_size=W.BATCH, shuffle=True, generator=torch.Generator().manual_seed(100))
+    )
     for r, res in enumerate(ranks):
-        assert res["shard_shuffled"] == every[r::W.WORLD]
+        assert res["shard_shuffled"] == every[r :: W.WORLD]
         assert res["same_shuffled"] == every
 
 
@@ -85,7 +100,7 @@ def test_global_rng_shuffle_follows_rank0_and_advances_like_one_process(ranks):
     torch.manual_seed(5)
     every = _ids(DataLoader(_index_data(), batch_size=W.BATCH, shuffle=True))
     for r, res in enumerate(ranks):
-        assert res["shard_global_rng"] == every[r::W.WORLD]
+        assert res["shard_global_rng"] == every[r :: W.WORLD]
         torch.manual_seed(5 + r)
         _ids(DataLoader(_index_data(), batch_size=W.BATCH, shuffle=True))
         assert torch.equal(res["after_global_rng"], torch.rand(3))
@@ -98,8 +113,12 @@ def test_row_slices_match_tensor_split(ranks):
 
 
 def test_all_reduce_sum_and_count(ranks):
-    expected = [torch.full((3,), 3.0), torch.arange(6.0).view(2, 3).t() * 3, torch.tensor([3]),
-                torch.full((2,), 2.0, dtype=torch.float64)]
+    expected = [
+        torch.full((3,), 3.0),
+        torch.arange(6.0).view(2, 3).t() * 3,
+        torch.tensor([3]),
+        torch.full((2,), 2.0, dtype=torch.float64),
+    ]
     for res in ranks:
         for got, want in zip(res["reduced"], expected):
             assert got.dtype == want.dtype
@@ -124,6 +143,7 @@ def test_wrapped_and_sharded_models_are_refused(ranks):
 
 # -- importances and SSD -------------------------------------------------------------------------------
 
+
 def _check_importances(got: dict, imp) -> None:
     assert got["num_samples"] == imp.num_samples and got["num_batches"] == imp.num_batches
     assert got["tensors"].keys() == set(imp.keys())
@@ -137,8 +157,7 @@ def test_importances_equal_single_process(ranks, kind, per_sample):
     import jit_unlearn
 
     x, y = W.make_data()
-    imp = jit_unlearn.importances(W.make_model(), W.loader(x, y), kind=kind, per_sample=per_sample,
-                                  progress=False)
+    imp = jit_unlearn.importances(W.make_model(), W.loader(x, y), kind=kind, per_sample=per_sample, progress=False)
     assert imp.num_batches == 5 and imp.num_samples == W.NUM_SAMPLES
     for res in ranks:
         _check_importances(res[f"imp_{kind}_{int(per_sample)}"], imp)
@@ -176,6 +195,7 @@ def test_ssd_family_equal_single_process(ranks, method):
 
 # -- JiT -------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_jit_default_equals_one_process_on_the_global_batch(ranks, reduction):
     import jit_unlearn
@@ -183,8 +203,7 @@ def test_jit_default_equals_one_process_on_the_global_batch(ranks, reduction):
     x, y = W.make_data()
     xf, yf = W.forget_split(x, y)
     model = W.make_model()
-    report = jit_unlearn.jit(model, W.loader(xf, yf, batch_size=W.FORGET_BATCH), reduction=reduction,
-                             **W.JIT_ARGS)
+    report = jit_unlearn.jit(model, W.loader(xf, yf, batch_size=W.FORGET_BATCH), reduction=reduction, **W.JIT_ARGS)
     for res in ranks:
         steps, samples, mean_loss = res[f"jit_{reduction}_report"]
         assert (steps, samples) == (report.steps, report.samples) == (3, W.NUM_FORGET)
@@ -215,12 +234,12 @@ def test_jit_presharded_loader(ranks):
     model = W.make_model().eval()
     sgd = torch.optim.SGD(model.parameters(), lr=W.JIT_ARGS["lr"])
     n, sigma, seed = W.JIT_ARGS["num_samples"], W.JIT_ARGS["sigma"], W.JIT_ARGS["seed"]
-    local = [xf[r::W.WORLD] for r in range(W.WORLD)]  # DistributedSampler(shuffle=False) interleaves
+    local = [xf[r :: W.WORLD] for r in range(W.WORLD)]  # DistributedSampler(shuffle=False) interleaves
     for step in range(2):
         sgd.zero_grad()
         total = 0.0
         for r in range(W.WORLD):
-            xb = local[r][2 * step:2 * step + 2]
+            xb = local[r][2 * step : 2 * step + 2]
             x_tilde, in_norm = ops.perturb(xb, n, sigma, seed, step * W.WORLD + r, True)
             out = model(xb)
             with torch.no_grad():
@@ -235,6 +254,7 @@ def test_jit_presharded_loader(ranks):
 
 
 # -- failures end the job ----------------------------------------------------------------------------
+
 
 def test_failing_rank_ends_the_job(tmp_path):
     code, output = _launch("raise", tmp_path)

@@ -1,4 +1,5 @@
 """Metrics of jit_unlearn.eval against independent transcriptions: accuracy, entropy MIA, loss MIA, evaluate."""
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +15,6 @@ from conftest import requires_cuda
 from jit_unlearn import data, models
 from jit_unlearn.eval import Recipe, Splits, accuracy, entropy_mia, evaluate, full_class, loss_mia, train
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -27,8 +27,11 @@ def digits_setup():
     retain, forget, test = Subset(ds, perm[:150]), Subset(ds, perm[150:210]), Subset(ds, perm[210:330])
     torch.manual_seed(0)
     model = models.SmallCNN(in_channels=1, num_classes=10, width=8)
-    train(model, torch.utils.data.ConcatDataset([retain, Subset(ds, perm[150:180])]),
-          Recipe(epochs=25, lr=0.05, batch_size=16))
+    train(
+        model,
+        torch.utils.data.ConcatDataset([retain, Subset(ds, perm[150:180])]),
+        Recipe(epochs=25, lr=0.05, batch_size=16),
+    )
     return model.eval(), retain, forget, test
 
 
@@ -38,6 +41,7 @@ def published_value(digits_setup):
 
 
 # ---------------------------------------------------------------- transcriptions of the published code
+
 
 def _collect_prob_one_at_a_time(model, ds):
     loader = DataLoader(ds, batch_size=1, shuffle=False)
@@ -64,14 +68,15 @@ def _multinomial_balanced_lr_predict(x_train, y_train, x_eval):
         W, b = theta[:2].reshape(2, 1), theta[2:]
         z = x_train @ W.T + b
         lse = logsumexp(z, axis=1)
-        loss = np.sum(sw * (lse - z[np.arange(len(y)), y])) + 0.5 * np.sum(W ** 2)
+        loss = np.sum(sw * (lse - z[np.arange(len(y)), y])) + 0.5 * np.sum(W**2)
         p = np.exp(z - lse[:, None])
         p[np.arange(len(y)), y] -= 1.0
         g = sw[:, None] * p
         return loss, np.concatenate([(g.T @ x_train).ravel() + W.ravel(), g.sum(0)])
 
-    res = minimize(objective, np.zeros(4), jac=True, method="L-BFGS-B", options={"gtol": 1e-12, "ftol": 1e-15,
-                                                                                 "maxiter": 10000})
+    res = minimize(
+        objective, np.zeros(4), jac=True, method="L-BFGS-B", options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 10000}
+    )
     W, b = res.x[:2].reshape(2, 1), res.x[2:]
     return np.argmax(x_eval @ W.T + b, axis=1)
 
@@ -113,6 +118,7 @@ def _kit_loss_mia(forget_losses, test_losses, n_splits, seed):
 
 # ---------------------------------------------------------------- accuracy
 
+
 def test_accuracy_is_weighted_by_samples_and_restores_mode():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
@@ -150,6 +156,7 @@ def test_accuracy_rejects_unlabelled_and_empty():
 
 # ---------------------------------------------------------------- entropy MIA
 
+
 def test_entropy_mia_equals_published_one_at_a_time(digits_setup, published_value):
     model, retain, forget, test = digits_setup
     expected = published_value
@@ -178,6 +185,7 @@ def test_entropy_mia_uses_eval_mode_and_restores_it(digits_setup, published_valu
 def test_entropy_mia_member_signal():
     """A model that is confident on retain and forget and uncertain on test: every forget sample is
     predicted member; after making it uncertain on forget, none is."""
+
     class Table(nn.Module):
         def __init__(self, scale):
             super().__init__()
@@ -195,6 +203,7 @@ def test_entropy_mia_member_signal():
 
 
 # ---------------------------------------------------------------- loss MIA
+
 
 @pytest.mark.parametrize("sizes", [(60, 40), (40, 60), (50, 50)])
 def test_loss_mia_equals_challenge_kit(digits_setup, sizes):
@@ -227,13 +236,21 @@ def test_loss_mia_arguments(digits_setup):
 
 # ---------------------------------------------------------------- evaluate
 
+
 def test_evaluate_record_matches_the_single_metrics(digits_setup, published_value):
     model, retain, forget, test = digits_setup
     labels_test = torch.tensor([int(test[i][1]) for i in range(len(test))])
     splits = Splits(forget, retain, test, forgotten_classes=(3,), test_keep=labels_test != 3)
     rec = evaluate(model, splits, seed=1)
-    assert set(rec) == {"forget_acc", "retain_acc", "test_acc", "test_acc_remaining", "entropy_mia", "loss_mia",
-                        "seconds"}
+    assert set(rec) == {
+        "forget_acc",
+        "retain_acc",
+        "test_acc",
+        "test_acc_remaining",
+        "entropy_mia",
+        "loss_mia",
+        "seconds",
+    }
     assert rec["forget_acc"] == pytest.approx(accuracy(model, forget), abs=1e-12)
     assert rec["retain_acc"] == pytest.approx(accuracy(model, retain), abs=1e-12)
     assert rec["test_acc"] == pytest.approx(accuracy(model, test), abs=1e-12)
@@ -247,7 +264,8 @@ def test_evaluate_record_matches_the_single_metrics(digits_setup, published_valu
     assert evaluate(model, plain, seed=1, mia=False)["test_acc_remaining"] == rec["test_acc_remaining"]
     five = Subset(test, torch.nonzero(labels_test != 5).flatten().tolist())
     assert evaluate(model, splits, forgotten_classes=[5], mia=False)["test_acc_remaining"] == pytest.approx(
-        accuracy(model, five), abs=1e-12)
+        accuracy(model, five), abs=1e-12
+    )
     state = torch.get_rng_state()
     no_classes = evaluate(model, Splits(forget, retain, test), mia=False)
     assert torch.equal(torch.get_rng_state(), state)  # evaluation draws nothing from the global RNG

@@ -1,5 +1,6 @@
 """Tests for jit_unlearn.importances: hand-computed values, the published batch semantics, per-sample
 gradients against a per-sample backward loop, and the on-disk cache."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,9 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn as ju
 import published
-from jit_unlearn.importances import Importances, importances, model_fingerprint
+from jit_unlearn.importance import Importances, importances, model_fingerprint
 from jit_unlearn.models import MLP, SmallCNN
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,6 +29,7 @@ def _loader(x, y=None, batch_size=2):
 
 
 # ---------------------------------------------------------------- hand computation
+
 
 def test_output_norm_by_hand_batch_and_per_sample():
     # f(x) = w x + b with w = 0.5, b = -1; loss = mean_i f(x_i)^2, so dL/dw = mean 2 r x, dL/db = mean 2 r.
@@ -66,7 +67,6 @@ def test_fisher_by_hand(per_sample):
 
 
 # ---------------------------------------------------------------- published batch semantics
-
 
 
 @pytest.mark.parametrize("kind", ["fisher", "output_norm"])
@@ -134,7 +134,7 @@ def test_label_free_never_reads_labels():
     model = MLP(8, (5,), 3)
     x = torch.randn(9, 8)
     bare = importances(model, x, kind="output_norm", batch_size=4, progress=False)
-    odd_labels = ((x[i:i + 4], ["not", "a", "label"]) for i in range(0, 9, 4))
+    odd_labels = ((x[i : i + 4], ["not", "a", "label"]) for i in range(0, 9, 4))
     tupled = importances(model, odd_labels, kind="output_norm", progress=False)
     for n in bare:
         assert torch.equal(bare[n], tupled[n])
@@ -142,6 +142,7 @@ def test_label_free_never_reads_labels():
 
 
 # ---------------------------------------------------------------- per-sample (SSD-Det)
+
 
 class _Awkward(nn.Module):
     """Linear layers the outer-product shortcut cannot take: one called twice, one fed [1, T, d]
@@ -192,8 +193,8 @@ def _per_sample_loop(model, x, y, kind):
     acc = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     for i in range(x.shape[0]):
         model.zero_grad(set_to_none=True)
-        out = model(x[i:i + 1])
-        loss = F.cross_entropy(out, y[i:i + 1]) if kind == "fisher" else out.pow(2).sum()
+        out = model(x[i : i + 1])
+        loss = F.cross_entropy(out, y[i : i + 1]) if kind == "fisher" else out.pow(2).sum()
         loss.backward()
         for n, p in model.named_parameters():
             if p.grad is not None:
@@ -208,8 +209,11 @@ def test_per_sample_equals_backward_loop(arch, kind):
     if arch == "mlp":
         model, x = MLP(16, (12, 8), 3), torch.randn(23, 16)
     elif arch in ("bn_cnn", "conv_zoo"):
-        model, x = (SmallCNN(width=4, num_classes=3), torch.randn(23, 1, 8, 8)) if arch == "bn_cnn" \
+        model, x = (
+            (SmallCNN(width=4, num_classes=3), torch.randn(23, 1, 8, 8))
+            if arch == "bn_cnn"
             else (_ConvZoo(), torch.randn(23, 2, 9, 7))
+        )
         for m in model.modules():
             if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 m.running_mean.uniform_(-0.5, 0.5)
@@ -243,6 +247,7 @@ def test_per_sample_float32_matches_batch_size_one():
 
 
 # ---------------------------------------------------------------- Importances container and cache
+
 
 def _small_imp():
     torch.manual_seed(4)
@@ -324,7 +329,6 @@ def test_bad_arguments():
 
 def test_public_names():
     assert ju.importances is importances and ju.Importances is Importances
-
 
 
 def test_callers_grads_restored_when_the_pass_fails():

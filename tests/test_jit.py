@@ -1,4 +1,5 @@
-"""jit_unlearn.jit against literal transcriptions of ALGORITHMS.md section 1, plus forgetting and safety."""
+"""jit_unlearn.jit against literal transcriptions of docs/METHODS.md §1, plus forgetting and safety."""
+
 import copy
 
 import pytest
@@ -8,10 +9,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn
-from jit_unlearn import _backend, jit, reference
+from jit_unlearn import _backend, jit, torch_ops
 from jit_unlearn.data import digits, mnist
 from jit_unlearn.models import MLP, SmallCNN
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +53,7 @@ def _forget(shape, n=40, seed=1):
 
 
 def _published_loop(model, loader, sigma, lr, n):
-    """ALGORITHMS.md section 1, reference semantics, written out literally."""
+    """docs/METHODS.md §1, reference mode, written out literally."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     opt.zero_grad()
     for batch in loader:
@@ -73,12 +73,12 @@ def _published_loop(model, loader, sigma, lr, n):
 
 
 def _fixed_loop(model, batches, sigma, lr, n, seed, reduction="sum"):
-    """Default semantics composed from plain PyTorch: eval mode, the reference Philox noise, N separate
+    """Default semantics composed from plain PyTorch: eval mode, torch_ops' Philox noise, N separate
     forwards, autograd norms, zeroed gradients, p -= lr * grad."""
     model.eval()
     for t, x in enumerate(batches):
         model.zero_grad(set_to_none=True)
-        x_tilde, _ = reference.perturb(x, n, sigma, seed, t, True)
+        x_tilde, _ = torch_ops.perturb(x, n, sigma, seed, t, True)
         out = model(x)
         total = torch.zeros(())
         for k in range(n):
@@ -186,8 +186,7 @@ def test_chunked_forward_equals_unchunked():
     x = _forget((1, 8, 8))
     r1 = jit(whole, x, sigma=0.3, lr=0.05, num_samples=6, batch_size=16, progress=False)
     # 7 samples of 64 elements per chunk: uneven chunks of the 6 * 16 perturbed samples
-    r2 = jit(chunked, x, sigma=0.3, lr=0.05, num_samples=6, batch_size=16, max_batch_elems=7 * 64 + 5,
-             progress=False)
+    r2 = jit(chunked, x, sigma=0.3, lr=0.05, num_samples=6, batch_size=16, max_batch_elems=7 * 64 + 5, progress=False)
     _assert_state_close(whole, chunked, rtol=1e-4, atol=1e-6)
     assert r1.mean_loss == pytest.approx(r2.mean_loss, rel=1e-5)
 
@@ -195,12 +194,26 @@ def test_chunked_forward_equals_unchunked():
 def test_default_same_for_tensor_dataset_and_loader():
     x = _forget((64,), n=30)
     runs = {}
-    for kind, forget, bs in [("tensor", x, 8), ("dataset", TensorDataset(x, torch.zeros(30)), 8),
-                             ("loader", DataLoader(TensorDataset(x), batch_size=8), None)]:
+    for kind, forget, bs in [
+        ("tensor", x, 8),
+        ("dataset", TensorDataset(x, torch.zeros(30)), 8),
+        ("loader", DataLoader(TensorDataset(x), batch_size=8), None),
+    ]:
         runs[kind] = _mlp()
         jit(runs[kind], forget, sigma=0.3, lr=0.05, num_samples=3, batch_size=bs, progress=False)
     for kind in ("dataset", "loader"):
         _assert_state_equal(runs[kind], _state(runs["tensor"]))
+
+
+def test_default_seed_takes_the_whole_uint64_range(backend):
+    """A seed in [2^63, 2^64) means the uint64 whose bits the int64 seed - 2^64 has: the two runs agree."""
+    x = _forget((64,), n=16)
+    runs = {}
+    for seed in (2**63 + 5, 5 - 2**63, 5):
+        runs[seed] = _mlp()
+        jit(runs[seed], x, sigma=0.3, lr=0.05, num_samples=3, batch_size=8, seed=seed, progress=False)
+    _assert_state_equal(runs[2**63 + 5], _state(runs[5 - 2**63]))
+    assert not torch.equal(next(runs[5].parameters()), next(runs[2**63 + 5].parameters()))  # the seed matters
 
 
 def test_default_with_user_optimizer():
@@ -212,7 +225,7 @@ def test_default_with_user_optimizer():
     ref_opt = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9)
     for t, xb in enumerate(x.split(16)):
         theirs.zero_grad(set_to_none=True)
-        x_tilde, in_norm = reference.perturb(xb, 3, 0.4, 0, t, True)
+        x_tilde, in_norm = torch_ops.perturb(xb, 3, 0.4, 0, t, True)
         out = theirs(xb)
         with torch.no_grad():
             out2 = torch.stack([theirs(x_tilde[k]) for k in range(3)])
@@ -335,33 +348,39 @@ class _ShapeModel(nn.Module):
         return out.unsqueeze(2)
 
 
-@pytest.mark.parametrize("kwargs,exc,name", [
-    (dict(sigma=0.0), ValueError, "sigma"),
-    (dict(sigma=-1.0), ValueError, "sigma"),
-    (dict(sigma=float("nan")), ValueError, "sigma"),
-    (dict(sigma="1"), TypeError, "sigma"),
-    (dict(lr=-1e-3), ValueError, "lr"),
-    (dict(lr=float("inf")), ValueError, "lr"),
-    (dict(num_samples=0), ValueError, "num_samples"),
-    (dict(num_samples=2.0), TypeError, "num_samples"),
-    (dict(mode="fast"), ValueError, "mode"),
-    (dict(reduction="none"), ValueError, "reduction"),
-    (dict(seed=1.5), TypeError, "seed"),
-    (dict(seed=2**64), ValueError, "seed"),
-    (dict(batch_size=0), ValueError, "batch_size"),
-    (dict(max_batch_elems=0), ValueError, "max_batch_elems"),
-    (dict(progress=None), TypeError, "progress"),
-    (dict(optimizer="sgd"), TypeError, "optimizer"),
-    (dict(optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)), ValueError, "optimizer"),
-    (dict(forget=torch.empty(0, 64)), ValueError, "forget"),
-    (dict(forget=TensorDataset(torch.empty(0, 64))), ValueError, "forget"),
-    (dict(forget=DataLoader(TensorDataset(torch.empty(0, 64)), batch_size=4)), ValueError, "forget"),
-    (dict(forget=DataLoader(TensorDataset(torch.rand(8, 64)), batch_size=4), batch_size=4), ValueError,
-     "batch_size"),
-    (dict(forget=torch.randint(0, 5, (8, 64))), TypeError, "forget"),
-    (dict(forget=torch.rand(8, 64, device="meta")), ValueError, "forget"),
-    (dict(forget=42), TypeError, "forget"),
-])
+@pytest.mark.parametrize(
+    "kwargs,exc,name",
+    [
+        (dict(sigma=0.0), ValueError, "sigma"),
+        (dict(sigma=-1.0), ValueError, "sigma"),
+        (dict(sigma=float("nan")), ValueError, "sigma"),
+        (dict(sigma="1"), TypeError, "sigma"),
+        (dict(lr=-1e-3), ValueError, "lr"),
+        (dict(lr=float("inf")), ValueError, "lr"),
+        (dict(num_samples=0), ValueError, "num_samples"),
+        (dict(num_samples=2.0), TypeError, "num_samples"),
+        (dict(mode="fast"), ValueError, "mode"),
+        (dict(reduction="none"), ValueError, "reduction"),
+        (dict(seed=1.5), TypeError, "seed"),
+        (dict(seed=2**64), ValueError, "seed"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(max_batch_elems=0), ValueError, "max_batch_elems"),
+        (dict(progress=None), TypeError, "progress"),
+        (dict(optimizer="sgd"), TypeError, "optimizer"),
+        (dict(optimizer=torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)), ValueError, "optimizer"),
+        (dict(forget=torch.empty(0, 64)), ValueError, "forget"),
+        (dict(forget=TensorDataset(torch.empty(0, 64))), ValueError, "forget"),
+        (dict(forget=DataLoader(TensorDataset(torch.empty(0, 64)), batch_size=4)), ValueError, "forget"),
+        (
+            dict(forget=DataLoader(TensorDataset(torch.rand(8, 64)), batch_size=4), batch_size=4),
+            ValueError,
+            "batch_size",
+        ),
+        (dict(forget=torch.randint(0, 5, (8, 64))), TypeError, "forget"),
+        (dict(forget=torch.rand(8, 64, device="meta")), ValueError, "forget"),
+        (dict(forget=42), TypeError, "forget"),
+    ],
+)
 @pytest.mark.parametrize("mode", ["default", "reference"])
 def test_bad_arguments_change_nothing(kwargs, exc, name, mode):
     model = _mlp().train()
@@ -380,8 +399,15 @@ def test_bad_arguments_change_nothing(kwargs, exc, name, mode):
 def test_optimizer_rejected_in_reference_mode():
     model = _mlp()
     with pytest.raises(ValueError, match="optimizer"):
-        jit(model, _forget((64,)), sigma=0.1, lr=0.1, mode="reference",
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1), progress=False)
+        jit(
+            model,
+            _forget((64,)),
+            sigma=0.1,
+            lr=0.1,
+            mode="reference",
+            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            progress=False,
+        )
 
 
 def test_model_type_checked():
@@ -431,8 +457,17 @@ def test_failure_mid_run_restores_bitwise(error, mode):
         opt_saved = copy.deepcopy(opt.state_dict())
     saved, flags = _state(model), _flags(model)
     with pytest.raises(type(error)):
-        jit(model, _forget((1, 8, 8), n=40), sigma=0.3, lr=0.1, num_samples=3, batch_size=10, mode=mode,
-            optimizer=opt, progress=False)
+        jit(
+            model,
+            _forget((1, 8, 8), n=40),
+            sigma=0.3,
+            lr=0.1,
+            num_samples=3,
+            batch_size=10,
+            mode=mode,
+            optimizer=opt,
+            progress=False,
+        )
     assert model.calls == model.k
     _assert_state_equal(model, saved)
     assert _flags(model) == flags
@@ -443,8 +478,7 @@ def test_failure_mid_run_restores_bitwise(error, mode):
             assert torch.equal(now[i]["momentum_buffer"], st["momentum_buffer"])
     # the model is still usable and its parameters did change in a run that does not fail
     model.k = -1
-    jit(model, _forget((1, 8, 8), n=40), sigma=0.3, lr=0.1, num_samples=3, batch_size=10, mode=mode,
-        progress=False)
+    jit(model, _forget((1, 8, 8), n=40), sigma=0.3, lr=0.1, num_samples=3, batch_size=10, mode=mode, progress=False)
     assert any(not torch.equal(model.state_dict()[k], v) for k, v in saved.items())
 
 
@@ -461,22 +495,26 @@ def test_non_finite_gradients_raise_and_restore():
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_finite_check_finds_every_non_finite_and_changes_nothing(dtype, fused, monkeypatch):
-    from jit_unlearn.methods.jit import _all_finite
+    from jit_unlearn.methods.jit.safety import all_finite
 
     if not fused:  # the generic path, taken where torch's fused check has no kernel
+
         def unsupported(*args):
             raise NotImplementedError("no kernel")
+
         monkeypatch.setattr(torch, "_amp_foreach_non_finite_check_and_unscale_", unsupported)
     tensors = [torch.randn(5, 3).to(dtype), torch.randn(7).to(dtype), torch.tensor([-0.0], dtype=dtype), None]
     before = [t.clone() for t in tensors if t is not None]
-    assert _all_finite(tensors)
-    assert all(torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
-               for a, b in zip([t for t in tensors if t is not None], before))
+    assert all_finite(tensors)
+    assert all(
+        torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
+        for a, b in zip([t for t in tensors if t is not None], before)
+    )
     for bad in (float("inf"), float("-inf"), float("nan")):
         broken = [t.clone() for t in before]
         broken[1][4] = bad
-        assert not _all_finite(broken)
-    assert _all_finite([None, torch.empty(0, dtype=dtype)])
+        assert not all_finite(broken)
+    assert all_finite([None, torch.empty(0, dtype=dtype)])
 
 
 @pytest.mark.parametrize("optimizer", [False, True])

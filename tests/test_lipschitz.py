@@ -1,5 +1,6 @@
 """Tests of lipschitz_ratio, _lipschitz_ratio_backward and _lipschitz_ratio_and_grad: compiled kernels,
-reference tier, autograd."""
+pure-PyTorch tier, autograd."""
+
 import os
 import subprocess
 import sys
@@ -8,16 +9,17 @@ import pytest
 import torch
 
 import jit_unlearn
-from jit_unlearn import _backend, ops, reference
+from conftest import requires_cuda
+from jit_unlearn import _backend, ops, torch_ops
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # (N, B, K): K below, at and above the CPU kernel's 8-lane block, with ragged tails.
 SHAPES = [(1, 1, 1), (3, 5, 7), (2, 4, 8), (2, 4, 16), (4, 3, 33), (25, 16, 100), (6, 2, 257)]
 
 HAS_COMPILED_CPU = _backend.extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "jit_unlearn::lipschitz_ratio", "CPU")
+    "jit_unlearn::lipschitz_ratio", "CPU"
+)
 requires_compiled = pytest.mark.skipif(not HAS_COMPILED_CPU, reason="compiled CPU kernels not built")
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _fwd(*args):
@@ -67,17 +69,17 @@ def _independent(out, out_perturbed, in_norm, grad):
 @requires_compiled
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_compiled_matches_reference(dtype, shape):
+def test_compiled_matches_torch_ops(dtype, shape):
     n, b, k = shape
     out, out_perturbed, in_norm = _inputs(n, b, k, dtype, seed=n * 1000 + b * 10 + k)
     ratio = _fwd(out, out_perturbed, in_norm)
-    expected = reference.lipschitz_ratio(out, out_perturbed, in_norm)
-    assert ratio.dtype == reference.opmath_dtype(dtype) and ratio.shape == (n, b)
+    expected = torch_ops.lipschitz_ratio(out, out_perturbed, in_norm)
+    assert ratio.dtype == torch_ops.opmath_dtype(dtype) and ratio.shape == (n, b)
     torch.testing.assert_close(ratio, expected, **_tol(ratio.dtype))
 
     grad = torch.randn(n, b, generator=torch.Generator().manual_seed(k), dtype=ratio.dtype)
     grad_out, grad_pert = _bwd(grad, out, out_perturbed, in_norm, True)
-    ref_out, ref_pert = reference.lipschitz_ratio_backward(grad, out, out_perturbed, in_norm, True)
+    ref_out, ref_pert = torch_ops.lipschitz_ratio_backward(grad, out, out_perturbed, in_norm, True)
     assert grad_out.dtype == dtype and grad_pert.dtype == dtype
     torch.testing.assert_close(grad_out, ref_out, **_tol(dtype))
     torch.testing.assert_close(grad_pert, ref_pert, **_tol(dtype))
@@ -120,13 +122,15 @@ def test_baseline_isa_path_agrees_bitwise(tmp_path):
     cases = []
     for dtype in DTYPES:
         out, pert, in_norm = _inputs(5, 7, 101, dtype, seed=37)
-        cases.append((out, pert, in_norm, torch.randn(5, 7, dtype=reference.opmath_dtype(dtype))))
+        cases.append((out, pert, in_norm, torch.randn(5, 7, dtype=torch_ops.opmath_dtype(dtype))))
     torch.save(cases, tmp_path / "cases.pt")
     root = os.path.dirname(os.path.dirname(os.path.abspath(jit_unlearn.__file__)))
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "cases.pt"), str(tmp_path / "base.pt")],
-                   env=env, check=True)
+    env = dict(
+        os.environ, ATEN_CPU_CAPABILITY="default", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])
+    )
+    subprocess.run(
+        [sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "cases.pt"), str(tmp_path / "base.pt")], env=env, check=True
+    )
     for (out, pert, in_norm, grad), base in zip(cases, torch.load(tmp_path / "base.pt")):
         here = (_fwd(out, pert, in_norm), *_bwd(grad, out, pert, in_norm, True))
         for x, y in zip(here, base):
@@ -139,10 +143,12 @@ def test_in_norm_any_float_dtype(norm_dtype):
     out, out_perturbed, in_norm = _inputs(3, 4, 20, torch.float32, seed=5, norm_dtype=norm_dtype)
     ratio = _fwd(out, out_perturbed, in_norm)
     assert ratio.dtype == torch.float32
-    torch.testing.assert_close(ratio, reference.lipschitz_ratio(out, out_perturbed, in_norm))
+    torch.testing.assert_close(ratio, torch_ops.lipschitz_ratio(out, out_perturbed, in_norm))
     grad = torch.ones_like(ratio)
-    for got, want in zip(_bwd(grad, out, out_perturbed, in_norm, True),
-                         reference.lipschitz_ratio_backward(grad, out, out_perturbed, in_norm, True)):
+    for got, want in zip(
+        _bwd(grad, out, out_perturbed, in_norm, True),
+        torch_ops.lipschitz_ratio_backward(grad, out, out_perturbed, in_norm, True),
+    ):
         torch.testing.assert_close(got, want)
 
 
@@ -155,8 +161,9 @@ def test_ops_match_independent_maths(backend, dtype):
     ratio = ops.lipschitz_ratio(out, out_perturbed, in_norm)
     grad = torch.randn(ratio.shape, generator=torch.Generator().manual_seed(2), dtype=ratio.dtype)
     ratio.backward(grad)
-    want_ratio, want_out, want_pert, want_norm = _independent(out.detach(), out_perturbed.detach(),
-                                                              in_norm.detach(), grad)
+    want_ratio, want_out, want_pert, want_norm = _independent(
+        out.detach(), out_perturbed.detach(), in_norm.detach(), grad
+    )
     tol = _tol(dtype)
     torch.testing.assert_close(ratio.detach(), want_ratio.to(dtype), **tol)
     torch.testing.assert_close(out.grad, want_out.to(dtype), **tol)
@@ -167,8 +174,7 @@ def test_ops_match_independent_maths(backend, dtype):
 def _triangles(dtype):
     """3-4-5 and 6-8-10 triangles; b = 1 has a zero difference (n = 0) and a zero in_norm (n = 1)."""
     out = torch.tensor([[3.0, 4.0], [1.0, 1.0]], dtype=dtype)
-    out_perturbed = torch.tensor([[[0.0, 0.0], [1.0, 1.0]],
-                                  [[-3.0, -4.0], [7.0, 9.0]]], dtype=dtype)
+    out_perturbed = torch.tensor([[[0.0, 0.0], [1.0, 1.0]], [[-3.0, -4.0], [7.0, 9.0]]], dtype=dtype)
     in_norm = torch.tensor([[2.0, 1.0], [4.0, 0.0]], dtype=dtype)
     return out, out_perturbed, in_norm
 
@@ -178,8 +184,9 @@ def _check_triangles(ratio, grad_out, grad_pert, grad_norm, dtype):
     torch.testing.assert_close(ratio, torch.tensor([[2.5, 0.0], [2.5, 0.0]], dtype=ratio.dtype), rtol=0, atol=0)
     # d/d out_0 = (3, 4) / (5 * 2) + (6, 8) / (10 * 4); out_1 gets nothing.
     torch.testing.assert_close(grad_out, torch.tensor([[0.45, 0.6], [0.0, 0.0]], dtype=dtype))
-    torch.testing.assert_close(grad_pert, torch.tensor([[[-0.3, -0.4], [0.0, 0.0]],
-                                                        [[-0.15, -0.2], [0.0, 0.0]]], dtype=dtype))
+    torch.testing.assert_close(
+        grad_pert, torch.tensor([[[-0.3, -0.4], [0.0, 0.0]], [[-0.15, -0.2], [0.0, 0.0]]], dtype=dtype)
+    )
     # d/d in_norm = -ratio / in_norm, 0 where in_norm is 0.
     torch.testing.assert_close(grad_norm, torch.tensor([[-1.25, 0.0], [-0.625, 0.0]], dtype=dtype))
 
@@ -220,13 +227,16 @@ def test_public_backward_matches_hand_and_autograd(backend, dtype):
     torch.testing.assert_close(got, leaf.grad, **_tol(dtype))
 
 
-@pytest.mark.parametrize("bad,exc,name", [
-    ({"grad": torch.ones(3, 2)}, ValueError, "grad"),
-    ({"grad": torch.ones(2, 2, dtype=torch.int64)}, TypeError, "grad"),
-    ({"grad": "ones"}, TypeError, "grad"),
-    ({"out": torch.ones(2, 3)}, ValueError, "out_perturbed"),
-    ({"in_norm": torch.ones(2, 3)}, ValueError, "in_norm"),
-])
+@pytest.mark.parametrize(
+    "bad,exc,name",
+    [
+        ({"grad": torch.ones(3, 2)}, ValueError, "grad"),
+        ({"grad": torch.ones(2, 2, dtype=torch.int64)}, TypeError, "grad"),
+        ({"grad": "ones"}, TypeError, "grad"),
+        ({"out": torch.ones(2, 3)}, ValueError, "out_perturbed"),
+        ({"in_norm": torch.ones(2, 3)}, ValueError, "in_norm"),
+    ],
+)
 def test_public_backward_bad_arguments_name_the_argument(backend, bad, exc, name):
     out, out_perturbed, in_norm = _triangles(torch.float32)
     args = {"grad": torch.ones(2, 2), "out": out, "out_perturbed": out_perturbed, "in_norm": in_norm, **bad}
@@ -299,15 +309,19 @@ def test_opcheck(dtype):
     out, out_perturbed, in_norm = _inputs(3, 4, 18, dtype, seed=9)
     torch.library.opcheck(torch.ops.jit_unlearn.lipschitz_ratio.default, (out, out_perturbed, in_norm))
     if dtype in (torch.float32, torch.float64):
-        grad_args = (out.clone().requires_grad_(True), out_perturbed.clone().requires_grad_(True),
-                     in_norm.clone().requires_grad_(True))
+        grad_args = (
+            out.clone().requires_grad_(True),
+            out_perturbed.clone().requires_grad_(True),
+            in_norm.clone().requires_grad_(True),
+        )
         torch.library.opcheck(torch.ops.jit_unlearn.lipschitz_ratio.default, grad_args)
-        torch.library.opcheck(torch.ops.jit_unlearn.lipschitz_ratio.default,
-                              (grad_args[0], out_perturbed, in_norm))
-    grad = torch.randn(3, 4, dtype=reference.opmath_dtype(dtype))
+        torch.library.opcheck(torch.ops.jit_unlearn.lipschitz_ratio.default, (grad_args[0], out_perturbed, in_norm))
+    grad = torch.randn(3, 4, dtype=torch_ops.opmath_dtype(dtype))
     for compute_perturbed_grad in (True, False):
-        torch.library.opcheck(torch.ops.jit_unlearn._lipschitz_ratio_backward.default,
-                              (grad, out, out_perturbed, in_norm, compute_perturbed_grad))
+        torch.library.opcheck(
+            torch.ops.jit_unlearn._lipschitz_ratio_backward.default,
+            (grad, out, out_perturbed, in_norm, compute_perturbed_grad),
+        )
 
 
 def _loss(out, out_perturbed, in_norm):
@@ -322,7 +336,7 @@ def test_torch_compile_fullgraph(backend):
     loss = compiled(leaf, out_perturbed, in_norm)
     loss.backward()
     eager = out.clone().requires_grad_(True)
-    want = reference.lipschitz_ratio(eager, out_perturbed, in_norm).sum() / 4
+    want = torch_ops.lipschitz_ratio(eager, out_perturbed, in_norm).sum() / 4
     want.backward()
     torch.testing.assert_close(loss.detach(), want.detach())
     torch.testing.assert_close(leaf.grad, eager.grad)
@@ -342,6 +356,7 @@ def test_torch_compile_fullgraph_compiled_op_both_grads():
         def compiler(gm, example_inputs):
             graphs[kind] = str(gm.code)
             return make_boxed_func(gm.forward)
+
         return compiler
 
     def loss(out, out_perturbed, in_norm):
@@ -353,7 +368,7 @@ def test_torch_compile_fullgraph_compiled_op_both_grads():
     args = [t.clone().requires_grad_(True) for t in (out, out_perturbed, in_norm)]
     compiled(*args).backward()
     ref_args = [t.clone().requires_grad_(True) for t in (out, out_perturbed, in_norm)]
-    reference.lipschitz_ratio(*ref_args).mean().backward()
+    torch_ops.lipschitz_ratio(*ref_args).mean().backward()
     for a, r in zip(args, ref_args):
         torch.testing.assert_close(a.grad, r.grad)
     # The traced graphs call the fused ops, not a decomposition.
@@ -371,8 +386,8 @@ def test_non_contiguous_inputs(backend):
     leaf = out.clone(memory_format=torch.preserve_format).requires_grad_(True)
     ratio = ops.lipschitz_ratio(leaf, pert, in_norm)
     ratio.sum().backward()
-    torch.testing.assert_close(ratio.detach(), reference.lipschitz_ratio(out_c, pert_c, norm_c))
-    want, _ = reference.lipschitz_ratio_backward(torch.ones(4, 6), out_c, pert_c, norm_c, False)
+    torch.testing.assert_close(ratio.detach(), torch_ops.lipschitz_ratio(out_c, pert_c, norm_c))
+    want, _ = torch_ops.lipschitz_ratio_backward(torch.ones(4, 6), out_c, pert_c, norm_c, False)
     torch.testing.assert_close(leaf.grad, want)
 
 
@@ -382,7 +397,7 @@ def test_non_contiguous_backward_op():
     grad_c = torch.randn(3, 5, dtype=torch.float64)
     pert = pert_c.transpose(0, 1).contiguous().transpose(0, 1)
     got = _bwd(grad_c.t().contiguous().t(), out_c.t().contiguous().t(), pert, norm_c.t().contiguous().t(), True)
-    want = reference.lipschitz_ratio_backward(grad_c, out_c, pert_c, norm_c, True)
+    want = torch_ops.lipschitz_ratio_backward(grad_c, out_c, pert_c, norm_c, True)
     for g, w in zip(got, want):
         assert g.is_contiguous()
         torch.testing.assert_close(g, w)
@@ -465,13 +480,13 @@ def test_fused_is_bitwise_forward_and_backward(dtype, shape):
         in_norm[..., :1] = 0.0  # the in_norm guard
     if out_perturbed.numel():
         out_perturbed[:1, :1] = out[:1]  # and the zero-difference guard
-    grad = torch.rand(shape[:2], generator=torch.Generator().manual_seed(1), dtype=reference.opmath_dtype(dtype))
+    grad = torch.rand(shape[:2], generator=torch.Generator().manual_seed(1), dtype=torch_ops.opmath_dtype(dtype))
     ratio, grad_out = _fused(grad, out, out_perturbed, in_norm)
-    assert ratio.dtype == reference.opmath_dtype(dtype) and grad_out.dtype == dtype
+    assert ratio.dtype == torch_ops.opmath_dtype(dtype) and grad_out.dtype == dtype
     assert torch.equal(ratio, _fwd(out, out_perturbed, in_norm))
     assert torch.equal(grad_out, _bwd(grad, out, out_perturbed, in_norm, False)[0])
-    # and match the reference tier
-    want_ratio, want_grad = reference.lipschitz_ratio_and_grad(grad, out, out_perturbed, in_norm)
+    # and match the pure-PyTorch tier
+    want_ratio, want_grad = torch_ops.lipschitz_ratio_and_grad(grad, out, out_perturbed, in_norm)
     torch.testing.assert_close(ratio, want_ratio, **_tol(ratio.dtype))
     torch.testing.assert_close(grad_out, want_grad, **_tol(dtype))
 
@@ -488,7 +503,7 @@ def test_fused_by_hand_with_expanded_seed():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_opcheck(dtype):
     out, out_perturbed, in_norm = _inputs(3, 4, 18, dtype, seed=9)
-    grad = torch.rand(3, 4, dtype=reference.opmath_dtype(dtype))
+    grad = torch.rand(3, 4, dtype=torch_ops.opmath_dtype(dtype))
     torch.library.opcheck(torch.ops.jit_unlearn._lipschitz_ratio_and_grad.default, (grad, out, out_perturbed, in_norm))
 
 
@@ -522,7 +537,7 @@ def test_fused_errors_name_the_argument():
 @pytest.mark.parametrize("shape", [(1, 1, 1), (25, 128, 100), (3, 7, 1000), (0, 3, 4), (2, 3, 0)])
 def test_fused_cuda_matches_cpu(dtype, shape):
     out, out_perturbed, in_norm = _inputs(*shape, dtype, seed=37)
-    grad = torch.rand(shape[:2], dtype=reference.opmath_dtype(dtype))
+    grad = torch.rand(shape[:2], dtype=torch_ops.opmath_dtype(dtype))
     dev = torch.device("cuda")
     got = _fused(grad.to(dev), out.to(dev), out_perturbed.to(dev), in_norm.to(dev))
     want = _fused(grad, out, out_perturbed, in_norm)
@@ -540,7 +555,7 @@ def test_cuda_matches_cpu(dtype, shape):
     out, out_perturbed, in_norm = _inputs(n, b, k, dtype, seed=29)
     in_norm[..., :1] = 0.0  # the in_norm guard runs on the GPU too
     out_perturbed[:1, 1:2] = out[1:2]  # and the zero-difference guard
-    grad = torch.randn(n, b, dtype=reference.opmath_dtype(dtype))
+    grad = torch.randn(n, b, dtype=torch_ops.opmath_dtype(dtype))
     dev = torch.device("cuda")
     ratio = _fwd(out.to(dev), out_perturbed.to(dev), in_norm.to(dev))
     torch.testing.assert_close(ratio.cpu(), _fwd(out, out_perturbed, in_norm), **_tol(ratio.dtype))

@@ -1,14 +1,14 @@
 """Multi-tensor in-place ops (accumulate_importance_, ssd_dampen_, masked_reset_): compiled kernels against
-jit_unlearn.reference and hand-computed values, opcheck, torch.compile, argument errors."""
+jit_unlearn.torch_ops and hand-computed values, opcheck, torch.compile, argument errors."""
+
 import math
 
 import pytest
 import torch
 
 import jit_unlearn.ops as ops
-from jit_unlearn import _backend, reference
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from conftest import requires_cuda
+from jit_unlearn import _backend, torch_ops
 
 
 def _has_compiled(op: str, key: str = "CPU") -> bool:
@@ -17,13 +17,18 @@ def _has_compiled(op: str, key: str = "CPU") -> bool:
 
 requires_compiled = pytest.mark.skipif(
     not all(_has_compiled(op) for op in ("accumulate_importance_", "ssd_dampen_", "masked_reset_")),
-    reason="compiled CPU kernels of the multi-tensor ops not built")
+    reason="compiled CPU kernels of the multi-tensor ops not built",
+)
 
 # Sizes around the CPU block widths (8, 1024 elements) and the parallel grain (32768), plus empty tensors.
 SHAPES = [(0,), (1,), (7,), (8,), (33,), (1023,), (1025,), (3, 5, 7), (64, 3, 3, 3), (0, 4), (40_003,)]
 FLOATS = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-_INT_VIEW = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
-             torch.bfloat16: torch.int16}
+_INT_VIEW = {
+    torch.float32: torch.int32,
+    torch.float64: torch.int64,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 
 
 def _op(name):
@@ -47,9 +52,11 @@ def _importances(shapes, dtype, gen, alpha, zero_frac=0.1, select_frac=0.2):
     for shape in shapes:
         d = torch.rand(shape, generator=gen, dtype=torch.float64)
         d[torch.rand(shape, generator=gen) < zero_frac] = 0
-        ratio = torch.where(torch.rand(shape, generator=gen) < select_frac,
-                            torch.rand(shape, generator=gen, dtype=torch.float64) * 4 + 1.01,
-                            torch.rand(shape, generator=gen, dtype=torch.float64) * 0.99)
+        ratio = torch.where(
+            torch.rand(shape, generator=gen) < select_frac,
+            torch.rand(shape, generator=gen, dtype=torch.float64) * 4 + 1.01,
+            torch.rand(shape, generator=gen, dtype=torch.float64) * 0.99,
+        )
         f = ratio * alpha * d + torch.rand(shape, generator=gen, dtype=torch.float64) * 1e-3
         f[torch.rand(shape, generator=gen) < zero_frac] = 0
         full.append(d.to(dtype))
@@ -69,16 +76,17 @@ def _clone(tensors):
 # ssd_dampen_
 # --------------------------------------------------------------------------------------------------
 
+
 @requires_compiled
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("alpha,lam", [(10.0, 1.0), (1.0, 0.5), (0.0, 1.0), (2.5, 3.0)])
-def test_ssd_dampen_matches_reference_bitwise(dtype, alpha, lam):
+def test_ssd_dampen_matches_torch_ops_bitwise(dtype, alpha, lam):
     gen = torch.Generator().manual_seed(1)
     params = _randn_list(SHAPES, dtype, gen)
     f, d = _importances(SHAPES, dtype, gen, alpha)
     ours, ref = _clone(params), _clone(params)
     counts = _op("ssd_dampen_")(ours, f, d, alpha, lam, 1.0)
-    ref_counts = reference.ssd_dampen_(ref, f, d, alpha, lam, 1.0)
+    ref_counts = torch_ops.ssd_dampen_(ref, f, d, alpha, lam, 1.0)
     assert counts.dtype == torch.int64 and counts.shape == (len(SHAPES),)
     assert torch.equal(counts, ref_counts)
     for a, b in zip(ours, ref):
@@ -89,13 +97,13 @@ def test_ssd_dampen_matches_reference_bitwise(dtype, alpha, lam):
 @requires_compiled
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("exponent", [0.5, 2.0, 1.7, -0.3])
-def test_ssd_dampen_exponent_close_to_reference(dtype, exponent):
+def test_ssd_dampen_exponent_close_to_torch_ops(dtype, exponent):
     gen = torch.Generator().manual_seed(2)
     params = _randn_list(SHAPES, dtype, gen)
     f, d = _importances(SHAPES, dtype, gen, 3.0)
     ours, ref = _clone(params), _clone(params)
     counts = _op("ssd_dampen_")(ours, f, d, 3.0, 0.8, exponent)
-    assert torch.equal(counts, reference.ssd_dampen_(ref, f, d, 3.0, 0.8, exponent))
+    assert torch.equal(counts, torch_ops.ssd_dampen_(ref, f, d, 3.0, 0.8, exponent))
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b)
 
@@ -130,7 +138,7 @@ def test_ssd_dampen_ties_zeros_inf_nan(dtype):
     # alpha = 3 (f == 3 d at element 0 is a tie; 3 big is finite), lam = 4 (4 big overflows to inf)
     ours, ref = [theta.clone()], [theta.clone()]
     counts = _op("ssd_dampen_")(ours, [f], [d], 3.0, 4.0, 1.0)
-    ref_counts = reference.ssd_dampen_(ref, [f], [d], 3.0, 4.0, 1.0)
+    ref_counts = torch_ops.ssd_dampen_(ref, [f], [d], 3.0, 4.0, 1.0)
     # selected: d=0 (1), f=inf with finite d (4), inf/inf (9), normal (10)
     assert counts.tolist() == [4] and ref_counts.tolist() == [4]
     expected = theta.clone()
@@ -159,7 +167,7 @@ def test_ssd_dampen_mixed_importance_dtypes_and_layouts():
     ours, ref = _clone(params), _clone(params)
     ours[0] = ours[0].contiguous(memory_format=torch.channels_last)
     counts = _op("ssd_dampen_")(ours, f, d, 2.0, 1.0, 1.0)
-    assert torch.equal(counts, reference.ssd_dampen_(ref, f, d, 2.0, 1.0, 1.0))
+    assert torch.equal(counts, torch_ops.ssd_dampen_(ref, f, d, 2.0, 1.0, 1.0))
     for a, b in zip(ours, ref):
         assert_bitwise(a.contiguous(), b.contiguous())
     assert ours[0].is_contiguous(memory_format=torch.channels_last)
@@ -172,7 +180,7 @@ def test_ssd_dampen_half_params_float_importances():
     f, d = _importances(SHAPES, torch.float32, gen, 5.0)
     ours, ref = _clone(params), _clone(params)
     counts = _op("ssd_dampen_")(ours, f, d, 5.0, 1.0, 1.0)
-    assert torch.equal(counts, reference.ssd_dampen_(ref, f, d, 5.0, 1.0, 1.0))
+    assert torch.equal(counts, torch_ops.ssd_dampen_(ref, f, d, 5.0, 1.0, 1.0))
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -181,14 +189,23 @@ def test_ssd_dampen_half_params_float_importances():
 # accumulate_importance_
 # --------------------------------------------------------------------------------------------------
 
+
 @requires_compiled
 @pytest.mark.parametrize("mode", ["square", "abs"])
 @pytest.mark.parametrize("scale", [1.0, 0.25, 1.0 / 3.0])
-@pytest.mark.parametrize("acc_dtype,grad_dtype", [
-    (torch.float32, torch.float32), (torch.float64, torch.float64), (torch.float32, torch.float64),
-    (torch.float64, torch.float16), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16),
-    (torch.float32, torch.bfloat16)])
-def test_accumulate_importance_matches_reference(mode, scale, acc_dtype, grad_dtype):
+@pytest.mark.parametrize(
+    "acc_dtype,grad_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.float32, torch.float64),
+        (torch.float64, torch.float16),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+    ],
+)
+def test_accumulate_importance_matches_torch_ops(mode, scale, acc_dtype, grad_dtype):
     gen = torch.Generator().manual_seed(5)
     acc = [t.abs() for t in _randn_list(SHAPES, acc_dtype, gen)]
     grads = _randn_list(SHAPES, grad_dtype, gen)
@@ -196,7 +213,7 @@ def test_accumulate_importance_matches_reference(mode, scale, acc_dtype, grad_dt
     ours, ref = _clone(acc), _clone(acc)
     for _ in range(2):  # accumulation over two "batches"
         _op("accumulate_importance_")(ours, grads, mode, scale)
-        reference.accumulate_importance_(ref, grads, mode, scale)
+        torch_ops.accumulate_importance_(ref, grads, mode, scale)
     for a, b in zip(ours, ref):
         assert_bitwise(a, b)
 
@@ -224,10 +241,19 @@ def test_accumulate_importance_scale_one_is_published_update(dtype):
 # masked_reset_
 # --------------------------------------------------------------------------------------------------
 
+
 @requires_compiled
-@pytest.mark.parametrize("dtype,init_dtype", [(torch.float32, torch.float32), (torch.float64, torch.float64),
-                                              (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
-                                              (torch.float32, torch.float64), (torch.float16, torch.float32)])
+@pytest.mark.parametrize(
+    "dtype,init_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.float64),
+        (torch.float16, torch.float32),
+    ],
+)
 def test_masked_reset_matches_where(dtype, init_dtype):
     gen = torch.Generator().manual_seed(7)
     params = _randn_list(SHAPES, dtype, gen)
@@ -236,7 +262,7 @@ def test_masked_reset_matches_where(dtype, init_dtype):
     masks[3] = masks[3].t().contiguous().t() if masks[3].dim() == 2 else masks[3]
     ours, ref = _clone(params), _clone(params)
     _op("masked_reset_")(ours, init, masks)
-    reference.masked_reset_(ref, init, masks)
+    torch_ops.masked_reset_(ref, init, masks)
     for a, b, p, i, m in zip(ours, ref, params, init, masks):
         assert_bitwise(a, b)
         assert_bitwise(a, torch.where(m, i.to(dtype), p))
@@ -245,6 +271,7 @@ def test_masked_reset_matches_where(dtype, init_dtype):
 # --------------------------------------------------------------------------------------------------
 # public API (both tiers), opcheck, torch.compile
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("tier", ["compiled", "torch"])
 def test_public_ops_agree_across_tiers(tier):
@@ -304,9 +331,9 @@ def test_torch_compile_fullgraph_keeps_list_mutations(compile_backend):
     masks = [torch.rand(s, generator=gen) < 0.3 for s in shapes]
 
     p_ref, acc_ref = _clone(params), _clone(acc)
-    reference.accumulate_importance_(acc_ref, grads, "square", 0.5)
-    counts_ref = reference.ssd_dampen_(p_ref, f, d, 2.0, 1.0, 1.0)
-    reference.masked_reset_(p_ref, init, masks)
+    torch_ops.accumulate_importance_(acc_ref, grads, "square", 0.5)
+    counts_ref = torch_ops.ssd_dampen_(p_ref, f, d, 2.0, 1.0, 1.0)
+    torch_ops.masked_reset_(p_ref, init, masks)
 
     compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
     p_c, acc_c = _clone(params), _clone(acc)
@@ -319,6 +346,7 @@ def test_torch_compile_fullgraph_keeps_list_mutations(compile_backend):
 # --------------------------------------------------------------------------------------------------
 # bad arguments: errors name the argument, and nothing is written
 # --------------------------------------------------------------------------------------------------
+
 
 def _ssd_args():
     params = [torch.ones(3, 4), torch.ones(5)]
@@ -358,7 +386,15 @@ def _bad_reset_cases():
     p, i, m = [torch.zeros(3), torch.zeros(4)], [torch.ones(3), torch.ones(4)], [torch.ones(3, dtype=torch.bool)] * 2
     m = [m[0], torch.ones(4, dtype=torch.bool)]
     return [
-        ((p, i[:1], m, ), ValueError, r"init"),
+        (
+            (
+                p,
+                i[:1],
+                m,
+            ),
+            ValueError,
+            r"init",
+        ),
         ((p, i, m + m), ValueError, r"masks"),
         ((p, i, [m[0], torch.ones(4)]), TypeError, r"masks\[1\]"),
         ((p, i, [m[0], torch.ones(5, dtype=torch.bool)]), ValueError, r"masks\[1\]"),
@@ -367,9 +403,11 @@ def _bad_reset_cases():
     ]
 
 
-_BAD = [("ssd_dampen_", c) for c in _bad_ssd_cases()] + \
-       [("accumulate_importance_", c) for c in _bad_accumulate_cases()] + \
-       [("masked_reset_", c) for c in _bad_reset_cases()]
+_BAD = (
+    [("ssd_dampen_", c) for c in _bad_ssd_cases()]
+    + [("accumulate_importance_", c) for c in _bad_accumulate_cases()]
+    + [("masked_reset_", c) for c in _bad_reset_cases()]
+)
 
 
 @pytest.mark.parametrize("via", ["ops", "torch.ops"])
@@ -392,7 +430,7 @@ def test_bad_arguments_name_the_argument(via, op, case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fraction", [0.002, 0.05, 0.3, 0.95])
 def test_ssd_dampen_bitwise_at_every_selection_density(dtype, fraction):
-    """Sparse and dense selections (the CPU kernel switches strategy per chunk) match the reference."""
+    """Sparse and dense selections (the CPU kernel switches strategy per chunk) match the pure-PyTorch tier."""
     if not _has_compiled("ssd_dampen_"):
         pytest.skip("compiled CPU kernels not built")
     gen = torch.Generator().manual_seed(int(fraction * 1000))
@@ -405,7 +443,7 @@ def test_ssd_dampen_bitwise_at_every_selection_density(dtype, fraction):
     f[::991] = 0.0
     ours, expected = theta.clone(), theta.clone()
     counts = _op("ssd_dampen_")([ours], [f], [d], 2.0, 1.0, 1.0)
-    expected_counts = reference.ssd_dampen_([expected], [f], [d], 2.0, 1.0, 1.0)
+    expected_counts = torch_ops.ssd_dampen_([expected], [f], [d], 2.0, 1.0, 1.0)
     assert counts.tolist() == expected_counts.tolist() == [int((f > 2.0 * d).sum())]
     assert_bitwise(ours, expected)
 
@@ -442,17 +480,18 @@ def test_device_mismatch_names_the_argument():
 # CUDA (skipped without a GPU)
 # --------------------------------------------------------------------------------------------------
 
+
 @requires_cuda
 @pytest.mark.skipif(not _has_compiled("ssd_dampen_", "CUDA"), reason="CUDA kernels not built")
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_cuda_matches_cpu_reference(dtype):
+def test_cuda_matches_cpu_torch_ops(dtype):
     gen = torch.Generator().manual_seed(11)
     # > 48 tensors and > 320 chunks of 65536: several launches, a tensor split across launches
     shapes = SHAPES + [(257,)] * 60 + [(21_000_001,)]
     params = _randn_list(shapes, dtype, gen)
     f, d = _importances(shapes, dtype, gen, 4.0)
     ref = _clone(params)
-    ref_counts = reference.ssd_dampen_(ref, f, d, 4.0, 1.0, 1.0)
+    ref_counts = torch_ops.ssd_dampen_(ref, f, d, 4.0, 1.0, 1.0)
     cuda = [t.cuda() for t in params]
     counts = _op("ssd_dampen_")(cuda, [t.cuda() for t in f], [t.cuda() for t in d], 4.0, 1.0, 1.0)
     assert counts.device.type == "cuda"
@@ -463,13 +502,13 @@ def test_cuda_matches_cpu_reference(dtype):
     grads = _randn_list(shapes, dtype, gen)
     acc_ref = [t.abs() for t in _clone(f)]
     acc = [t.cuda() for t in acc_ref]
-    reference.accumulate_importance_(acc_ref, grads, "square", 0.5)
+    torch_ops.accumulate_importance_(acc_ref, grads, "square", 0.5)
     _op("accumulate_importance_")(acc, [g.cuda() for g in grads], "square", 0.5)
     for a, b in zip(acc, acc_ref):
         assert_bitwise(a.cpu(), b)
 
     masks = [torch.rand(s, generator=gen) < 0.5 for s in shapes]
-    reference.masked_reset_(ref, f, masks)
+    torch_ops.masked_reset_(ref, f, masks)
     _op("masked_reset_")(cuda, [t.cuda() for t in f], [m.cuda() for m in masks])
     for a, b in zip(cuda, ref):
         assert_bitwise(a.cpu(), b)

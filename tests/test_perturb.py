@@ -1,4 +1,5 @@
-"""Tests of the perturb op: Philox known answers, compiled vs reference, noise statistics, edge cases."""
+"""Tests of the perturb op: Philox known answers, compiled vs pure PyTorch, noise statistics, edge cases."""
+
 import math
 
 import numpy as np
@@ -6,9 +7,9 @@ import pytest
 import scipy.stats
 import torch
 
-from jit_unlearn import _backend, ops, reference
+from conftest import requires_cuda
+from jit_unlearn import _backend, ops, torch_ops
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 requires_compiled = pytest.mark.skipif(not _backend.has_kernel("cpu"), reason="compiled CPU kernels not built")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -18,8 +19,11 @@ MASK32 = 0xFFFFFFFF
 PHILOX_KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((MASK32,) * 4, (MASK32,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -40,11 +44,11 @@ def as_int64(u64):
     return u64 - (1 << 64) if u64 >= 1 << 63 else u64
 
 
-def reference_philox(ctr, key):
+def torch_ops_philox(ctr, key):
     group = as_int64(ctr[0] | (ctr[1] << 32))
     offset = ctr[2] | (ctr[3] << 32)
     seed = key[0] | (key[1] << 32)
-    words = reference.philox4x32(torch.tensor([group], dtype=torch.int64), seed, offset)
+    words = torch_ops.philox4x32(torch.tensor([group], dtype=torch.int64), seed, offset)
     return tuple(int(w[0]) for w in words)
 
 
@@ -58,38 +62,47 @@ def norm_tolerance(dtype):
 
 # --- the generator -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("ctr,key,expected", PHILOX_KAT)
 def test_philox_known_answers(ctr, key, expected):
     assert philox_python(ctr, key) == expected
-    assert reference_philox(ctr, key) == expected
+    assert torch_ops_philox(ctr, key) == expected
 
 
-def test_reference_philox_matches_python_ints():
+def test_torch_ops_philox_matches_python_ints():
     gen = np.random.default_rng(0)
     for _ in range(20):
         ctr = tuple(int(v) for v in gen.integers(0, 1 << 32, size=4, dtype=np.uint64))
         key = tuple(int(v) for v in gen.integers(0, 1 << 32, size=2, dtype=np.uint64))
-        assert reference_philox(ctr, key) == philox_python(ctr, key)
+        assert torch_ops_philox(ctr, key) == philox_python(ctr, key)
 
 
 def test_normal_transform_is_box_muller():
     # float64 Box-Muller of the same Philox words: z = sqrt(-2 log u1) (cos, sin)(2 pi u2).
     seed, offset, groups = 77, 3, 4096
-    z = reference.philox_normal(4 * groups, seed, offset).double().view(groups, 4)
-    words = [w.double() for w in reference.philox4x32(torch.arange(groups), seed, offset)]
+    z = torch_ops.philox_normal(4 * groups, seed, offset).double().view(groups, 4)
+    words = [w.double() for w in torch_ops.philox4x32(torch.arange(groups), seed, offset)]
     u = [(torch.floor(w / 512) * 2 + 1) / 2**24 for w in words]
     rad01, rad23 = torch.sqrt(-2 * torch.log(u[0])), torch.sqrt(-2 * torch.log(u[2]))
-    expected = torch.stack([rad01 * torch.cos(2 * math.pi * u[1]), rad01 * torch.sin(2 * math.pi * u[1]),
-                            rad23 * torch.cos(2 * math.pi * u[3]), rad23 * torch.sin(2 * math.pi * u[3])], dim=1)
+    expected = torch.stack(
+        [
+            rad01 * torch.cos(2 * math.pi * u[1]),
+            rad01 * torch.sin(2 * math.pi * u[1]),
+            rad23 * torch.cos(2 * math.pi * u[3]),
+            rad23 * torch.sin(2 * math.pi * u[3]),
+        ],
+        dim=1,
+    )
     torch.testing.assert_close(z, expected, rtol=0, atol=2e-6)
 
 
-# --- compiled vs reference ---------------------------------------------------------------------------
+# --- compiled vs pure PyTorch ------------------------------------------------------------------------
+
 
 @requires_compiled
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("clamp", [True, False])
-def test_compiled_matches_reference(dtype, clamp):
+def test_compiled_matches_torch_ops(dtype, clamp):
     gen = torch.Generator().manual_seed(1)
     for trial in range(6):
         ndim = int(torch.randint(1, 5, (1,), generator=gen))
@@ -99,48 +112,50 @@ def test_compiled_matches_reference(dtype, clamp):
         sigma = float(torch.rand((), generator=gen)) * 1.5
         seed, offset = 1000 + trial, 7 * trial
         got_x, got_norm = torch.ops.jit_unlearn.perturb(x, n, sigma, seed, offset, clamp)
-        ref_x, ref_norm = reference.perturb(x, n, sigma, seed, offset, clamp)
-        assert got_x.dtype == dtype and got_norm.dtype == reference.opmath_dtype(dtype)
+        ref_x, ref_norm = torch_ops.perturb(x, n, sigma, seed, offset, clamp)
+        assert got_x.dtype == dtype and got_norm.dtype == torch_ops.opmath_dtype(dtype)
         assert got_x.shape == (n, *shape) and got_norm.shape == (n, shape[0])
         assert torch.equal(got_x, ref_x), (shape, n, sigma)
         torch.testing.assert_close(got_norm, ref_norm, **norm_tolerance(dtype))
 
 
 @requires_compiled
-def test_compiled_matches_reference_image_batch():
+def test_compiled_matches_torch_ops_image_batch():
     # Rows of 3 * 5 * 7 = 105 elements: Philox groups straddle rows and chunk boundaries.
     x = torch.rand(9, 3, 5, 7)
     got = torch.ops.jit_unlearn.perturb(x, 4, 0.3, 5, 11, True)
-    ref = reference.perturb(x, 4, 0.3, 5, 11, True)
+    ref = torch_ops.perturb(x, 4, 0.3, 5, 11, True)
     assert torch.equal(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6)
 
 
 @requires_compiled
-@pytest.mark.parametrize("seed,offset", [(2**64 - 1, 2**64 - 1), (0x299F31D0A4093822, 0x0370734413198A2E),
-                                         (-5, 2**63 + 3)])
+@pytest.mark.parametrize(
+    "seed,offset", [(2**64 - 1, 2**64 - 1), (0x299F31D0A4093822, 0x0370734413198A2E), (-5, 2**63 + 3)]
+)
 def test_large_seed_and_offset(seed, offset):
-    # ops maps [2^63, 2^64) onto int64 bit patterns; the kernel and the reference use the same uint64.
+    # ops maps [2^63, 2^64) onto int64 bit patterns; the kernel and torch_ops use the same uint64.
     x = torch.randn(3, 10)
     _backend.force_backend("compiled")
     try:
         got = run(x, 2, 0.5, seed=seed, offset=offset)
     finally:
         _backend.force_backend(None)
-    ref = reference.perturb(x, 2, 0.5, seed, offset, True)
+    ref = torch_ops.perturb(x, 2, 0.5, seed, offset, True)
     assert torch.equal(got[0], ref[0])
     torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6)
 
 
-def test_noise_is_reference_philox_normal(backend):
+def test_noise_is_torch_ops_philox_normal(backend):
     x = torch.randn(4, 3, 5)
     sigma = 0.25
     x_tilde, _ = run(x, 3, sigma, seed=9, offset=2, clamp=False)
-    z = reference.philox_normal(3 * x.numel(), 9, 2).view(3, *x.shape)
+    z = torch_ops.philox_normal(3 * x.numel(), 9, 2).view(3, *x.shape)
     assert torch.equal(x_tilde, x + torch.tensor(sigma, dtype=torch.float32) * z)
 
 
 # --- semantics ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_in_norm_from_stored_x_tilde(backend, dtype):
@@ -202,8 +217,7 @@ def test_non_contiguous_input(backend, dtype):
         assert torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("shape,n", [((0, 3), 4), ((4, 0), 3), ((0,), 2), ((3, 2, 0, 5), 2), ((5, 3), 0),
-                                     ((0, 2), 0)])
+@pytest.mark.parametrize("shape,n", [((0, 3), 4), ((4, 0), 3), ((0,), 2), ((3, 2, 0, 5), 2), ((5, 3), 0), ((0, 2), 0)])
 @pytest.mark.parametrize("clamp", [True, False])
 def test_empty_inputs(backend, shape, n, clamp):
     x = torch.randn(shape)
@@ -221,6 +235,7 @@ def test_one_dimensional_batch(backend):
 
 
 # --- randomness --------------------------------------------------------------------------------------
+
 
 def test_same_seed_same_noise(backend):
     x = torch.randn(4, 3, 6)
@@ -279,19 +294,23 @@ def test_noise_statistics(seed):
 
 # --- errors ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,exc,name", [
-    ({"x": torch.ones(3, 2, dtype=torch.int64)}, TypeError, "x"),
-    ({"x": torch.tensor(1.0)}, ValueError, "x"),
-    ({"x": [1.0, 2.0]}, TypeError, "x"),
-    ({"num_samples": -1}, ValueError, "num_samples"),
-    ({"num_samples": 2.0}, TypeError, "num_samples"),
-    ({"sigma": -0.1}, ValueError, "sigma"),
-    ({"sigma": float("nan")}, ValueError, "sigma"),
-    ({"sigma": float("inf")}, ValueError, "sigma"),
-    ({"seed": 2**64}, ValueError, "seed"),
-    ({"offset": 1.5}, TypeError, "offset"),
-    ({"clamp": 1}, TypeError, "clamp"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs,exc,name",
+    [
+        ({"x": torch.ones(3, 2, dtype=torch.int64)}, TypeError, "x"),
+        ({"x": torch.tensor(1.0)}, ValueError, "x"),
+        ({"x": [1.0, 2.0]}, TypeError, "x"),
+        ({"num_samples": -1}, ValueError, "num_samples"),
+        ({"num_samples": 2.0}, TypeError, "num_samples"),
+        ({"sigma": -0.1}, ValueError, "sigma"),
+        ({"sigma": float("nan")}, ValueError, "sigma"),
+        ({"sigma": float("inf")}, ValueError, "sigma"),
+        ({"seed": 2**64}, ValueError, "seed"),
+        ({"offset": 1.5}, TypeError, "offset"),
+        ({"clamp": 1}, TypeError, "clamp"),
+    ],
+)
 def test_bad_arguments_name_the_argument(backend, kwargs, exc, name):
     args = {"x": torch.ones(3, 2), "num_samples": 2, "sigma": 0.5, "seed": 0, "offset": 0, "clamp": True}
     args.update(kwargs)
@@ -300,14 +319,17 @@ def test_bad_arguments_name_the_argument(backend, kwargs, exc, name):
 
 
 @requires_compiled
-@pytest.mark.parametrize("args,exc,name", [
-    ((torch.ones(3, 2, dtype=torch.int32), 2, 0.5, 0, 0, True), TypeError, "x"),
-    ((torch.ones(3, 2, dtype=torch.complex64), 2, 0.5, 0, 0, True), TypeError, "x"),
-    ((torch.tensor(1.0), 2, 0.5, 0, 0, True), ValueError, "x"),
-    ((torch.ones(3, 2), -2, 0.5, 0, 0, True), ValueError, "num_samples"),
-    ((torch.ones(3, 2), 2, -1.0, 0, 0, True), ValueError, "sigma"),
-    ((torch.ones(3, 2), 2, float("nan"), 0, 0, True), ValueError, "sigma"),
-])
+@pytest.mark.parametrize(
+    "args,exc,name",
+    [
+        ((torch.ones(3, 2, dtype=torch.int32), 2, 0.5, 0, 0, True), TypeError, "x"),
+        ((torch.ones(3, 2, dtype=torch.complex64), 2, 0.5, 0, 0, True), TypeError, "x"),
+        ((torch.tensor(1.0), 2, 0.5, 0, 0, True), ValueError, "x"),
+        ((torch.ones(3, 2), -2, 0.5, 0, 0, True), ValueError, "num_samples"),
+        ((torch.ones(3, 2), 2, -1.0, 0, 0, True), ValueError, "sigma"),
+        ((torch.ones(3, 2), 2, float("nan"), 0, 0, True), ValueError, "sigma"),
+    ],
+)
 def test_compiled_op_errors_name_the_argument(args, exc, name):
     with pytest.raises(exc, match=name):
         torch.ops.jit_unlearn.perturb(*args)
@@ -315,10 +337,15 @@ def test_compiled_op_errors_name_the_argument(args, exc, name):
 
 # --- torch integration -------------------------------------------------------------------------------
 
+
 @requires_compiled
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_opcheck(dtype):
-    for x, n in ((torch.randn(4, 3, 5).to(dtype), 3), (torch.randn(2, 7).to(dtype), 1), (torch.randn(0, 3).to(dtype), 2)):
+    for x, n in (
+        (torch.randn(4, 3, 5).to(dtype), 3),
+        (torch.randn(2, 7).to(dtype), 1),
+        (torch.randn(0, 3).to(dtype), 2),
+    ):
         for clamp in (True, False):
             torch.library.opcheck(torch.ops.jit_unlearn.perturb.default, (x, n, 0.5, 3, 1, clamp))
 
@@ -350,8 +377,9 @@ def test_torch_compile_fullgraph_public_op():
 
 # --- _perturb_out (the caller's buffers) ---------------------------------------------------------------
 
+
 def _out_buffers(x, n):
-    op = reference.opmath_dtype(x.dtype)
+    op = torch_ops.opmath_dtype(x.dtype)
     return torch.full((n, *x.shape), float("nan"), dtype=x.dtype), torch.full((n, x.shape[0]), float("nan"), dtype=op)
 
 
@@ -367,19 +395,22 @@ def test_perturb_out_equals_perturb(dtype, shape, n):
         want = torch.ops.jit_unlearn.perturb(x, n, 0.4, 5, 9, clamp)
         assert torch.equal(x_tilde, want[0]) and torch.equal(in_norm, want[1])
         ref_x, ref_norm = _out_buffers(x, n)
-        reference.perturb_out(x, n, 0.4, 5, 9, clamp, ref_x, ref_norm)
+        torch_ops.perturb_out(x, n, 0.4, 5, 9, clamp, ref_x, ref_norm)
         assert torch.equal(ref_x, want[0])
         torch.testing.assert_close(ref_norm, want[1], **norm_tolerance(dtype))
 
 
 @requires_compiled
-@pytest.mark.parametrize("bad,exc,name", [
-    ({"x_tilde": torch.empty(2, 4, 3)}, ValueError, "x_tilde"),
-    ({"x_tilde": torch.empty(3, 4, 3, dtype=torch.float64)}, TypeError, "x_tilde"),
-    ({"x_tilde": torch.empty(3, 3, 4).transpose(1, 2)}, ValueError, "contiguous"),
-    ({"in_norm": torch.empty(3, 5)}, ValueError, "in_norm"),
-    ({"in_norm": torch.empty(3, 4, dtype=torch.float64)}, TypeError, "in_norm"),
-])
+@pytest.mark.parametrize(
+    "bad,exc,name",
+    [
+        ({"x_tilde": torch.empty(2, 4, 3)}, ValueError, "x_tilde"),
+        ({"x_tilde": torch.empty(3, 4, 3, dtype=torch.float64)}, TypeError, "x_tilde"),
+        ({"x_tilde": torch.empty(3, 3, 4).transpose(1, 2)}, ValueError, "contiguous"),
+        ({"in_norm": torch.empty(3, 5)}, ValueError, "in_norm"),
+        ({"in_norm": torch.empty(3, 4, dtype=torch.float64)}, TypeError, "in_norm"),
+    ],
+)
 def test_perturb_out_errors_name_the_argument(bad, exc, name):
     args = {"x_tilde": torch.empty(3, 4, 3), "in_norm": torch.empty(3, 4), **bad}
     with pytest.raises(exc, match=name):
@@ -421,6 +452,7 @@ def test_perturb_out_cuda_matches_cpu(dtype):
 
 # --- CUDA --------------------------------------------------------------------------------------------
 
+
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("clamp", [True, False])
@@ -434,5 +466,5 @@ def test_cuda_matches_cpu_bitwise(dtype, clamp):
         gpu = torch.ops.jit_unlearn.perturb(x.cuda(), n, 0.6, seed, 17, clamp)
         assert torch.equal(gpu[0].cpu(), cpu[0]), (shape, dtype)
         torch.testing.assert_close(gpu[1].cpu(), cpu[1], **norm_tolerance(dtype))
-        ref = reference.perturb(x.cuda(), n, 0.6, seed, 17, clamp)
+        ref = torch_ops.perturb(x.cuda(), n, 0.6, seed, 17, clamp)
         assert torch.equal(ref[0].cpu(), cpu[0]), (shape, dtype)

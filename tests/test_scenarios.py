@@ -1,12 +1,23 @@
 """Scenario splits (disjoint, covering, seeded), labels, the training loop and the retrain baseline."""
+
 import pytest
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from jit_unlearn import data, models
-from jit_unlearn.eval import (Recipe, Relabeled, Splits, accuracy, dataset_labels, full_class, random_subset,
-                              retrain, sub_class, train, train_test_split)
-
+from jit_unlearn.eval import (
+    Recipe,
+    Relabeled,
+    Splits,
+    accuracy,
+    dataset_labels,
+    full_class,
+    random_subset,
+    retrain,
+    sub_class,
+    train,
+    train_test_split,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,8 +151,14 @@ def test_splits_summary():
 
 def test_recipe_validation():
     assert Recipe.from_mapping({"epochs": 2}, seed=5) == Recipe(epochs=2, seed=5)
-    for bad, key in (({"epochs": -1}, "epochs"), ({"lr": float("nan")}, "lr"), ({"optimizer": "rmsprop"}, "optimizer"),
-                     ({"batch_size": 0}, "batch_size"), ({"epoch": 3}, "epoch"), ({"seed": 1.5}, "seed")):
+    for bad, key in (
+        ({"epochs": -1}, "epochs"),
+        ({"lr": float("nan")}, "lr"),
+        ({"optimizer": "rmsprop"}, "optimizer"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"epoch": 3}, "epoch"),
+        ({"seed": 1.5}, "seed"),
+    ):
         with pytest.raises(ValueError, match=f"^{key}:"):
             Recipe.from_mapping(bad)
 

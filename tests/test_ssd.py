@@ -1,6 +1,7 @@
 """Tests for SSD, LF-SSD and ASSD: the dampening rule against the published per-tensor formula, whole
 runs against an independent transcription of the published procedure, the importance cache,
 argument checks, and real forgetting on the digits data."""
+
 import copy
 
 import numpy as np
@@ -13,9 +14,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import jit_unlearn as ju
 import published
 from jit_unlearn.data import digits
-from jit_unlearn.importances import Importances, importances
+from jit_unlearn.importance import Importances, importances
 from jit_unlearn.models import MLP, SmallCNN
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,6 +49,7 @@ def _assert_same_state(model, state):
 
 
 # ---------------------------------------------------------------- dampening rule
+
 
 def _random_imps(model, seed):
     g = torch.Generator().manual_seed(seed)
@@ -135,6 +136,7 @@ def test_dampen_refuses_bad_importances_without_change():
 
 # ---------------------------------------------------------------- whole runs against the transcription
 
+
 @pytest.mark.parametrize("alpha,lam", [(10.0, 1.0), (1.5, 0.7)])
 def test_ssd_bn_cnn_bitwise_equals_published(alpha, lam, backend):
     x, y = _data()
@@ -163,8 +165,14 @@ def test_lf_ssd_on_unlabeled_tensors_bitwise_equals_published():
     reference = copy.deepcopy(model)
     x_forget = x[y == 2]
     report = ju.lf_ssd(model, x_forget, x, alpha=1.5, batch_size=8, progress=False)
-    published.ssd(reference, DataLoader(TensorDataset(x_forget), batch_size=8),
-                   DataLoader(TensorDataset(x), batch_size=8), 1.5, 1.0, label_free=True)
+    published.ssd(
+        reference,
+        DataLoader(TensorDataset(x_forget), batch_size=8),
+        DataLoader(TensorDataset(x), batch_size=8),
+        1.5,
+        1.0,
+        label_free=True,
+    )
     for (n, p), q in zip(model.named_parameters(), reference.parameters()):
         assert torch.equal(p, q), n
     assert report.forget_importances.kind == "output_norm" and report.total_selected > 0
@@ -176,16 +184,29 @@ def test_per_sample_ssd_matches_published_with_batches_of_one():
     reference = copy.deepcopy(model)
     forget_idx = y == 0
     xd = x.double()
-    ju.ssd(model, TensorDataset(xd[forget_idx], y[forget_idx]), TensorDataset(xd, y), alpha=3.0, per_sample=True,
-           batch_size=7, progress=False)
+    ju.ssd(
+        model,
+        TensorDataset(xd[forget_idx], y[forget_idx]),
+        TensorDataset(xd, y),
+        alpha=3.0,
+        per_sample=True,
+        batch_size=7,
+        progress=False,
+    )
     # with batches of one sample, the published batch average is the per-sample average
-    published.ssd(reference, DataLoader(TensorDataset(xd[forget_idx], y[forget_idx]), batch_size=1),
-                   DataLoader(TensorDataset(xd, y), batch_size=1), 3.0, 1.0)
+    published.ssd(
+        reference,
+        DataLoader(TensorDataset(xd[forget_idx], y[forget_idx]), batch_size=1),
+        DataLoader(TensorDataset(xd, y), batch_size=1),
+        3.0,
+        1.0,
+    )
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-15)
 
 
 # ---------------------------------------------------------------- ASSD
+
 
 def _finite_ratios(f, d):
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -230,6 +251,7 @@ def test_assd_runs_ssd_with_the_adaptive_alpha():
 
 # ---------------------------------------------------------------- importance cache
 
+
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_cached_full_importances_round_trip(tmp_path, suffix):
     x, y = _data(seed=9)
@@ -269,6 +291,7 @@ def test_cache_refusals_leave_model_unchanged(tmp_path):
 
 
 # ---------------------------------------------------------------- bad arguments and failures
+
 
 def test_bad_arguments_leave_model_unchanged():
     x, y = _data(seed=11)
@@ -327,6 +350,7 @@ def test_overflowing_gradients_are_refused():
 
 
 # ---------------------------------------------------------------- real forgetting on digits
+
 
 @pytest.fixture(scope="module")
 def digits_mlp():

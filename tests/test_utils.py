@@ -1,10 +1,18 @@
 """Shared helpers: reading batches (the sliced fast path of plain tensor DataLoaders, row splits), the
 one-traversal model state, temporary train/eval modes and restoring a model on failure."""
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from jit_unlearn._utils import ModelState, _plain_tensor_loader, iter_batches, module_mode, restore_on_failure, split_rows
+from jit_unlearn._utils import (
+    ModelState,
+    _plain_tensor_loader,
+    iter_batches,
+    module_mode,
+    restore_on_failure,
+    split_rows,
+)
 
 
 def _same_batches(got, want):
@@ -35,13 +43,16 @@ def test_sliced_batches_are_copies():
     assert torch.equal(x, torch.zeros(6, 2))
 
 
-@pytest.mark.parametrize("make", [
-    lambda ds: DataLoader(ds, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0)),
-    lambda ds: DataLoader(ds, batch_size=4, collate_fn=lambda b: b),
-    lambda ds: DataLoader(ds, batch_size=None),
-    lambda ds: DataLoader(torch.utils.data.Subset(ds, [0, 2, 4]), batch_size=2),
-    lambda ds: [(torch.ones(2, 3), torch.zeros(2))],
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ds: DataLoader(ds, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0)),
+        lambda ds: DataLoader(ds, batch_size=4, collate_fn=lambda b: b),
+        lambda ds: DataLoader(ds, batch_size=None),
+        lambda ds: DataLoader(torch.utils.data.Subset(ds, [0, 2, 4]), batch_size=2),
+        lambda ds: [(torch.ones(2, 3), torch.zeros(2))],
+    ],
+)
 def test_other_loaders_iterate_as_they_are(make):
     loader = make(TensorDataset(torch.randn(10, 3), torch.arange(10)))
     assert not _plain_tensor_loader(loader)

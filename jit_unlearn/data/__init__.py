@@ -1,5 +1,6 @@
 """Bundled and on-disk data sets, loaded offline: MNIST test set (bundled), scikit-learn digits,
 a seeded synthetic CIFAR-shaped set, and torchvision-format CIFAR-10/100 folders."""
+
 from __future__ import annotations
 
 import gzip
@@ -86,8 +87,10 @@ def cifar(root: str, num_classes: int = 10, train: bool = True, label: str = "fi
         folder = os.path.join(root, "cifar-100-python")
         files = ["train" if train else "test"]
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"root: no {os.path.basename(folder)} folder under {root!r} "
-                                "(expected the torchvision/original python-format archive, extracted)")
+        raise FileNotFoundError(
+            f"root: no {os.path.basename(folder)} folder under {root!r} "
+            "(expected the torchvision/original python-format archive, extracted)"
+        )
     xs, fine, coarse = [], [], []
     for name in files:
         # The archives are pickles of numpy arrays made by the data set's authors.

@@ -1,11 +1,31 @@
 """Evaluation of unlearning: accuracy, entropy and loss membership-inference attacks, scenarios, retrain baseline."""
+
 from .._train import Recipe, train
 from .metrics import accuracy, entropy_mia, evaluate, loss_mia
-from .scenarios import (Relabeled, Splits, dataset_labels, full_class, random_subset, retrain, sub_class,
-                        train_test_split)
+from .scenarios import (
+    Relabeled,
+    Splits,
+    dataset_labels,
+    full_class,
+    random_subset,
+    retrain,
+    sub_class,
+    train_test_split,
+)
 
 __all__ = [
-    "accuracy", "entropy_mia", "loss_mia", "evaluate",
-    "Splits", "Relabeled", "dataset_labels", "train_test_split", "full_class", "sub_class", "random_subset",
-    "retrain", "Recipe", "train",
+    "accuracy",
+    "entropy_mia",
+    "loss_mia",
+    "evaluate",
+    "Splits",
+    "Relabeled",
+    "dataset_labels",
+    "train_test_split",
+    "full_class",
+    "sub_class",
+    "random_subset",
+    "retrain",
+    "Recipe",
+    "train",
 ]

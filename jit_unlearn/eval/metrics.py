@@ -1,4 +1,5 @@
 """Unlearning metrics: accuracy, entropy MIA, loss MIA, and `evaluate` (one batched forward per split)."""
+
 from __future__ import annotations
 
 import time
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from .. import _checks as checks
 from .._utils import as_batches, batch_input, batch_labels, check_logits, model_device, module_mode, progress
 
 EVAL_BATCH_SIZE = 512
@@ -77,8 +79,10 @@ def _loss_mia(forget_losses: np.ndarray, test_losses: np.ndarray, n_splits: int,
 
     n = min(len(forget_losses), len(test_losses))
     if n < 10:
-        raise ValueError(f"forget/test: the loss MIA needs at least 10 samples in each, got "
-                         f"{len(forget_losses)} and {len(test_losses)}")
+        raise ValueError(
+            f"forget/test: the loss MIA needs at least 10 samples in each, got "
+            f"{len(forget_losses)} and {len(test_losses)}"
+        )
     rng = np.random.default_rng(seed)
     if len(forget_losses) > n:
         forget_losses = forget_losses[rng.permutation(len(forget_losses))[:n]]
@@ -107,8 +111,10 @@ def entropy_mia(model: torch.nn.Module, retain, forget, test, *, batch_size: int
     fraction of forget samples predicted member, in [0, 1].  Each of the three sets (DataLoader,
     Dataset or input tensor; labels are not read) gets one batched no-grad forward in eval mode,
     which gives the value of the published one-sample-at-a-time procedure."""
-    h = [_entropy(_forward(model, d, name=n, labels=False, batch_size=batch_size)[0])
-         for d, n in ((retain, "retain"), (forget, "forget"), (test, "test"))]
+    h = [
+        _entropy(_forward(model, d, name=n, labels=False, batch_size=batch_size)[0])
+        for d, n in ((retain, "retain"), (forget, "forget"), (test, "test"))
+    ]
     return _entropy_mia(*h)
 
 
@@ -116,8 +122,9 @@ def _ce_losses(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     return F.cross_entropy(logits, labels, reduction="none").cpu().numpy()
 
 
-def loss_mia(model: torch.nn.Module, forget, test, *, n_splits: int = 10, seed: int = 0,
-             batch_size: int | None = None) -> float:
+def loss_mia(
+    model: torch.nn.Module, forget, test, *, n_splits: int = 10, seed: int = 0, batch_size: int | None = None
+) -> float:
     """Membership inference from per-sample cross-entropy (the NeurIPS 2023 unlearning challenge kit).
 
     The larger of the two loss sets is subsampled (seeded, `np.random.default_rng(seed).permutation`)
@@ -125,8 +132,7 @@ def loss_mia(model: torch.nn.Module, forget, test, *, n_splits: int = 10, seed: 
     `n_splits` stratified shuffle splits (10 % test, `random_state=seed`) of test (0) vs forget (1).
     Returns the mean accuracy: 0.5 means forget and test losses are indistinguishable; compare with
     the retrained model's value."""
-    if isinstance(n_splits, bool) or not isinstance(n_splits, int) or n_splits < 1:
-        raise ValueError(f"n_splits: expected an int >= 1, got {n_splits!r}")
+    checks.integer(n_splits, "n_splits", low=1)
     f_logits, f_labels = _forward(model, forget, name="forget", batch_size=batch_size)
     t_logits, t_labels = _forward(model, test, name="test", batch_size=batch_size)
     return _loss_mia(_ce_losses(f_logits, f_labels), _ce_losses(t_logits, t_labels), n_splits, seed)
@@ -136,17 +142,27 @@ def _split_sets(splits):
     if isinstance(splits, Mapping):
         get = splits.get
     else:
+
         def get(key, default=None):
             return getattr(splits, key, default)
+
     sets = [get(k) for k in ("forget", "retain", "test")]
     if any(s is None for s in sets):
         raise TypeError("splits: expected a Splits (or a mapping) with forget, retain and test sets")
     return sets, get("forgotten_classes", ()) or (), get("test_keep")
 
 
-def evaluate(model: torch.nn.Module, splits, *, forgotten_classes: Sequence[int] | None = None,
-             mia: bool = True, n_splits: int = 10, seed: int = 0, batch_size: int | None = None,
-             progress: bool = False) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    splits,
+    *,
+    forgotten_classes: Sequence[int] | None = None,
+    mia: bool = True,
+    n_splits: int = 10,
+    seed: int = 0,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> dict:
     """One evaluation record of `model` on a `Splits` (or a mapping with forget/retain/test).
 
     One batched no-grad forward per split (eval mode, the model's device, modes restored) feeds every

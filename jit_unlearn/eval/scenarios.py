@@ -1,4 +1,5 @@
 """Unlearning scenarios (full-class, sub-class, random subset) as forget/retain/test splits; the retrain baseline."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .. import _checks as checks
 from .._train import Recipe, train
 from .._utils import batch_labels
 
@@ -33,8 +35,12 @@ class Splits:
         return torch.utils.data.ConcatDataset([self.retain, self.forget])
 
     def summary(self) -> dict:
-        return {"forget": len(self.forget), "retain": len(self.retain), "test": len(self.test),
-                "forgotten_classes": list(self.forgotten_classes)}
+        return {
+            "forget": len(self.forget),
+            "retain": len(self.retain),
+            "test": len(self.test),
+            "forgotten_classes": list(self.forgotten_classes),
+        }
 
 
 class Relabeled(Dataset):
@@ -97,8 +103,7 @@ def train_test_split(ds: Dataset, test_fraction: float = 0.2, seed: int = 0) -> 
     contributes round(test_fraction * its count) test samples).  For data sets shipped as one split,
     such as the bundled MNIST test set."""
     _check_dataset(ds, "ds")
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction: expected a number in (0, 1), got {test_fraction!r}")
+    test_fraction = checks.real(test_fraction, "test_fraction", low=0, high=1, low_open=True, high_open=True)
     labels = dataset_labels(ds)
     g = torch.Generator().manual_seed(seed)
     is_test = torch.zeros(len(labels), dtype=torch.bool)
@@ -117,8 +122,14 @@ def _with_test(ds, test_ds, test_fraction, seed):
     return ds, test_ds
 
 
-def full_class(train_ds: Dataset, cls: int | Sequence[int], test_ds: Dataset | None = None, *,
-               test_fraction: float = 0.2, seed: int = 0) -> Splits:
+def full_class(
+    train_ds: Dataset,
+    cls: int | Sequence[int],
+    test_ds: Dataset | None = None,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Splits:
     """Forget every training sample of class `cls` (an int, or several classes).
 
     When `test_ds` is None, a seeded stratified `test_fraction` of `train_ds` is held out as the
@@ -152,15 +163,15 @@ def _coarse_table(coarse_of, fine_labels: torch.Tensor) -> torch.Tensor:
     return torch.tensor(table, dtype=torch.long)
 
 
-def sub_class(ds: Dataset, fine_cls: int, coarse_of, test_ds: Dataset | None = None, *,
-              test_fraction: float = 0.2, seed: int = 0) -> Splits:
+def sub_class(
+    ds: Dataset, fine_cls: int, coarse_of, test_ds: Dataset | None = None, *, test_fraction: float = 0.2, seed: int = 0
+) -> Splits:
     """Forget one fine class while the model predicts coarse labels (e.g. CIFAR-100 "rocket" inside
     the "vehicles 2" super-class).
 
     `ds` (and `test_ds`) yield (x, fine_label); `coarse_of` maps fine -> coarse label (a sequence
     indexed by fine label, a dict, or a function).  The returned splits yield (x, coarse_label)."""
-    if isinstance(fine_cls, bool) or not isinstance(fine_cls, int):
-        raise TypeError(f"fine_cls: expected an int, got {fine_cls!r}")
+    checks.integer(fine_cls, "fine_cls")
     ds, test_ds = _with_test(ds, test_ds, test_fraction, seed)
     fine, test_fine = dataset_labels(ds), dataset_labels(test_ds)
     if not bool((fine == fine_cls).any()):
@@ -168,12 +179,12 @@ def sub_class(ds: Dataset, fine_cls: int, coarse_of, test_ds: Dataset | None = N
     table = _coarse_table(coarse_of, torch.cat([fine, test_fine]))
     train_rel, test_rel = Relabeled(ds, table[fine]), Relabeled(test_ds, table[test_fine])
     forget = fine == fine_cls
-    return Splits(_subset(train_rel, forget), _subset(train_rel, ~forget), test_rel, (fine_cls,),
-                  test_fine != fine_cls)
+    return Splits(_subset(train_rel, forget), _subset(train_rel, ~forget), test_rel, (fine_cls,), test_fine != fine_cls)
 
 
-def random_subset(ds: Dataset, fraction: float, seed: int = 0, test_ds: Dataset | None = None, *,
-                  test_fraction: float = 0.2) -> Splits:
+def random_subset(
+    ds: Dataset, fraction: float, seed: int = 0, test_ds: Dataset | None = None, *, test_fraction: float = 0.2
+) -> Splits:
     """Forget a seeded uniformly random `fraction` of the training samples (round(fraction * n),
     at least 1).  No class is removed, so `forgotten_classes` is empty."""
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
@@ -197,8 +208,14 @@ def _recipe(recipe) -> Recipe:
     raise TypeError(f"recipe: expected a Recipe or a dict, got {type(recipe).__name__}")
 
 
-def retrain(model_factory: Callable[[], nn.Module], retain: Dataset, recipe: Recipe | Mapping, *,
-            device: torch.device | str | None = None, show_progress: bool = False) -> nn.Module:
+def retrain(
+    model_factory: Callable[[], nn.Module],
+    retain: Dataset,
+    recipe: Recipe | Mapping,
+    *,
+    device: torch.device | str | None = None,
+    show_progress: bool = False,
+) -> nn.Module:
     """The gold-standard baseline: a model trained from scratch on `retain` only, with the original
     training recipe (a `Recipe` or a dict of its fields: epochs, lr, batch_size, optimizer, seed, ...).
 
@@ -208,8 +225,10 @@ def retrain(model_factory: Callable[[], nn.Module], retain: Dataset, recipe: Rec
     recipe = _recipe(recipe)
     _check_dataset(retain, "retain")
     if isinstance(model_factory, nn.Module) or not callable(model_factory):
-        raise TypeError("model_factory: expected a zero-argument callable that builds a fresh model, "
-                        f"got {type(model_factory).__name__}")
+        raise TypeError(
+            "model_factory: expected a zero-argument callable that builds a fresh model, "
+            f"got {type(model_factory).__name__}"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         model = model_factory()

@@ -1,6 +1,7 @@
 """Selective Synaptic Dampening (SSD), its label-free form (LF-SSD) and adaptive-alpha form (ASSD),
-ALGORITHMS.md section 2: dampen the parameters far more important to the forget set than to the
+docs/METHODS.md §2: dampen the parameters far more important to the forget set than to the
 whole training set."""
+
 from __future__ import annotations
 
 import math
@@ -10,9 +11,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import _checks as checks
 from .. import ops
 from .._utils import as_batches, model_device, restore_on_failure
-from ..importances import Importances, importances
+from ..importance import Importances, importances
 
 __all__ = ["SSDReport", "dampen_", "ssd", "lf_ssd", "assd", "assd_alpha"]
 
@@ -42,24 +44,10 @@ class SSDReport:
         return self.total_selected / self.total_elements if self.total_elements else 0.0
 
 
-def _real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: must be finite, got {value}")
-    return value
-
-
 def _check_hparams(alpha, lam, exponent) -> tuple[float | None, float, float]:
     if alpha is not None:
-        alpha = _real(alpha, "alpha")
-        if alpha <= 0:
-            raise ValueError(f"alpha: must be > 0, got {alpha}")
-    lam = _real(lam, "lam")
-    if lam < 0:
-        raise ValueError(f"lam: must be >= 0, got {lam}")
-    return alpha, lam, _real(exponent, "exponent")
+        alpha = checks.real(alpha, "alpha", low=0, low_open=True)
+    return alpha, checks.real(lam, "lam", low=0), checks.real(exponent, "exponent")
 
 
 def _as_importances(imp, name: str, kind: str = "fisher") -> Importances:
@@ -74,18 +62,13 @@ def _checked(model: torch.nn.Module, imp, name: str, kind: str = "fisher") -> Im
     imp = _as_importances(imp, name, kind)
     imp.check(model, name=name)
     if imp.invalid:
-        raise ValueError(f"{name}: holds NaN, inf or negative values in {imp.invalid[:5]}; "
-                         f"refusing to dampen with them")
+        raise ValueError(
+            f"{name}: holds NaN, inf or negative values in {imp.invalid[:5]}; refusing to dampen with them"
+        )
     return imp
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _dampen(model, imp_f: Importances, imp_d: Importances, alpha: float, lam: float,
-            exponent: float) -> dict[str, int]:
+def _dampen(model, imp_f: Importances, imp_d: Importances, alpha: float, lam: float, exponent: float) -> dict[str, int]:
     """One ssd_dampen_ call over every parameter (arguments already checked)."""
     names, params, fs, ds = [], [], [], []
     for n, p in model.named_parameters():
@@ -100,8 +83,9 @@ def _dampen(model, imp_f: Importances, imp_d: Importances, alpha: float, lam: fl
     return dict(zip(names, counts.tolist()))
 
 
-def dampen_(model: torch.nn.Module, imp_forget, imp_full, *, alpha: float, lam: float = 1.0,
-            exponent: float = 1.0) -> dict[str, int]:
+def dampen_(
+    model: torch.nn.Module, imp_forget, imp_full, *, alpha: float, lam: float = 1.0, exponent: float = 1.0
+) -> dict[str, int]:
     """Dampen `model` in place with one fused `ssd_dampen_` over all its parameters.
 
     Per element: if I_f > alpha * I_D then theta *= min(((lam * I_D) / I_f) ** exponent, 1).
@@ -127,9 +111,8 @@ def assd_alpha(imp_forget, imp_full, n_forget: int, n_full: int) -> float:
     """ASSD's adaptive alpha: the P-th percentile (linear interpolation, as numpy.percentile) of
     the finite ratios I_f / I_D over every element of every parameter, P = 100 - ln(1 + 100 *
     n_forget / n_full).  Ratios are computed in the importances' dtype (float32 for half types)."""
-    for value, name in ((n_forget, "n_forget"), (n_full, "n_full")):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: must be a positive int, got {value!r}")
+    checks.integer(n_forget, "n_forget", low=1)
+    checks.integer(n_full, "n_full", low=1)
     imp_f, imp_d = _as_importances(imp_forget, "imp_forget"), _as_importances(imp_full, "imp_full")
     if list(imp_f) != list(imp_d) or any(imp_f[n].shape != imp_d[n].shape for n in imp_f):
         raise ValueError("imp_full: names or shapes differ from imp_forget")
@@ -155,23 +138,38 @@ def assd_alpha(imp_forget, imp_full, n_forget: int, n_full: int) -> float:
     return b - (b - a) * (1.0 - t) if t >= 0.5 else a + (b - a) * t
 
 
-def _unlearn(method: str, model, forget, full, *, kind: str, alpha, lam, exponent, full_importances,
-             per_sample, batch_size, progress, max_batch_elems) -> SSDReport:
+def _unlearn(
+    method: str,
+    model,
+    forget,
+    full,
+    *,
+    kind: str,
+    alpha,
+    lam,
+    exponent,
+    full_importances,
+    per_sample,
+    batch_size,
+    progress,
+    max_batch_elems,
+) -> SSDReport:
     alpha, lam, exponent = _check_hparams(alpha, lam, exponent)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    if not isinstance(per_sample, bool):
-        raise TypeError(f"per_sample: expected a bool, got {type(per_sample).__name__}")
+    checks.module(model)
+    checks.boolean(per_sample, "per_sample")
     if full_importances is not None:
         if isinstance(full_importances, Importances):  # a plain mapping records neither
             if full_importances.kind != kind:
                 raise ValueError(f"full_importances: kind {full_importances.kind!r}, but {method} needs {kind!r}")
             if full_importances.per_sample != per_sample:
-                raise ValueError(f"full_importances: per_sample={full_importances.per_sample}, but this call "
-                                 f"has per_sample={per_sample}")
+                raise ValueError(
+                    f"full_importances: per_sample={full_importances.per_sample}, but this call "
+                    f"has per_sample={per_sample}"
+                )
         elif alpha is None:
-            raise ValueError("full_importances: assd needs the sample count |D| that Importances records, "
-                             "got a plain mapping")
+            raise ValueError(
+                "full_importances: assd needs the sample count |D| that Importances records, got a plain mapping"
+            )
         full_importances = _checked(model, full_importances, "full_importances", kind)
     elif full is None:
         raise ValueError("full: required unless full_importances is given")
@@ -182,28 +180,51 @@ def _unlearn(method: str, model, forget, full, *, kind: str, alpha, lam, exponen
     start = time.perf_counter()
     with restore_on_failure(model):
         imp_f = importances(model, forget_batches, name="forget", **opts)
-        imp_d = full_importances if full_importances is not None else importances(
-            model, full_batches, name="full", **opts)
+        imp_d = (
+            full_importances if full_importances is not None else importances(model, full_batches, name="full", **opts)
+        )
         for imp, name in ((imp_f, "forget"), (imp_d, "full")):
             if imp.invalid:
-                raise ValueError(f"{name}: importances hold NaN or inf in {imp.invalid[:5]} "
-                                 f"(the model's gradients overflowed); nothing was changed")
+                raise ValueError(
+                    f"{name}: importances hold NaN or inf in {imp.invalid[:5]} "
+                    f"(the model's gradients overflowed); nothing was changed"
+                )
         if alpha is None:
             alpha = assd_alpha(imp_f, imp_d, imp_f.num_samples, imp_d.num_samples)
-        _sync(device)
+        checks.sync(device)
         mid = time.perf_counter()
         selected = _dampen(model, imp_f, imp_d, alpha, lam, exponent)
     end = time.perf_counter()
-    return SSDReport(method=method, alpha=alpha, lam=lam, exponent=exponent, selected=selected,
-                     total_selected=sum(selected.values()),
-                     total_elements=sum(p.numel() for p in model.parameters()), seconds=end - start,
-                     importance_seconds=mid - start, dampen_seconds=end - mid,
-                     forget_importances=imp_f, full_importances=imp_d)
+    return SSDReport(
+        method=method,
+        alpha=alpha,
+        lam=lam,
+        exponent=exponent,
+        selected=selected,
+        total_selected=sum(selected.values()),
+        total_elements=sum(p.numel() for p in model.parameters()),
+        seconds=end - start,
+        importance_seconds=mid - start,
+        dampen_seconds=end - mid,
+        forget_importances=imp_f,
+        full_importances=imp_d,
+    )
 
 
-def ssd(model: torch.nn.Module, forget, full=None, *, alpha: float = 10.0, lam: float = 1.0,
-        exponent: float = 1.0, full_importances=None, per_sample: bool = False, batch_size: int | None = None,
-        progress: bool = True, max_batch_elems: int | None = None) -> SSDReport:
+def ssd(
+    model: torch.nn.Module,
+    forget,
+    full=None,
+    *,
+    alpha: float = 10.0,
+    lam: float = 1.0,
+    exponent: float = 1.0,
+    full_importances=None,
+    per_sample: bool = False,
+    batch_size: int | None = None,
+    progress: bool = True,
+    max_batch_elems: int | None = None,
+) -> SSDReport:
     """Selective Synaptic Dampening, in place.
 
     Computes I_f on `forget` and I_D on `full` (retain + forget) with the Fisher importances of
@@ -220,25 +241,81 @@ def ssd(model: torch.nn.Module, forget, full=None, *, alpha: float = 10.0, lam: 
     Returns:
         SSDReport.  On any error the model is restored bitwise.
     """
-    return _unlearn("ssd", model, forget, full, kind="fisher", alpha=alpha, lam=lam, exponent=exponent,
-                    full_importances=full_importances, per_sample=per_sample, batch_size=batch_size,
-                    progress=progress, max_batch_elems=max_batch_elems)
+    return _unlearn(
+        "ssd",
+        model,
+        forget,
+        full,
+        kind="fisher",
+        alpha=alpha,
+        lam=lam,
+        exponent=exponent,
+        full_importances=full_importances,
+        per_sample=per_sample,
+        batch_size=batch_size,
+        progress=progress,
+        max_batch_elems=max_batch_elems,
+    )
 
 
-def lf_ssd(model: torch.nn.Module, forget, full=None, *, alpha: float = 10.0, lam: float = 1.0,
-           exponent: float = 1.0, full_importances=None, per_sample: bool = False,
-           batch_size: int | None = None, progress: bool = True, max_batch_elems: int | None = None) -> SSDReport:
+def lf_ssd(
+    model: torch.nn.Module,
+    forget,
+    full=None,
+    *,
+    alpha: float = 10.0,
+    lam: float = 1.0,
+    exponent: float = 1.0,
+    full_importances=None,
+    per_sample: bool = False,
+    batch_size: int | None = None,
+    progress: bool = True,
+    max_batch_elems: int | None = None,
+) -> SSDReport:
     """Label-free SSD (LF-SSD), in place: as `ssd`, with importances |grad| of the batch-mean squared
     logit norm.  Labels are never read, so loaders of bare input tensors work."""
-    return _unlearn("lf_ssd", model, forget, full, kind="output_norm", alpha=alpha, lam=lam,
-                    exponent=exponent, full_importances=full_importances, per_sample=per_sample,
-                    batch_size=batch_size, progress=progress, max_batch_elems=max_batch_elems)
+    return _unlearn(
+        "lf_ssd",
+        model,
+        forget,
+        full,
+        kind="output_norm",
+        alpha=alpha,
+        lam=lam,
+        exponent=exponent,
+        full_importances=full_importances,
+        per_sample=per_sample,
+        batch_size=batch_size,
+        progress=progress,
+        max_batch_elems=max_batch_elems,
+    )
 
 
-def assd(model: torch.nn.Module, forget, full=None, *, full_importances=None, per_sample: bool = False,
-         batch_size: int | None = None, progress: bool = True, max_batch_elems: int | None = None) -> SSDReport:
+def assd(
+    model: torch.nn.Module,
+    forget,
+    full=None,
+    *,
+    full_importances=None,
+    per_sample: bool = False,
+    batch_size: int | None = None,
+    progress: bool = True,
+    max_batch_elems: int | None = None,
+) -> SSDReport:
     """Adaptive SSD, in place: SSD with lam = 1 and alpha = `assd_alpha` of the two importances, with
     |D_f| and |D| the sample counts the importances were computed on."""
-    return _unlearn("assd", model, forget, full, kind="fisher", alpha=None, lam=1.0, exponent=1.0,
-                    full_importances=full_importances, per_sample=per_sample, batch_size=batch_size,
-                    progress=progress, max_batch_elems=max_batch_elems)
+    return _unlearn(
+        "assd",
+        model,
+        forget,
+        full,
+        kind="fisher",
+        alpha=None,
+        lam=1.0,
+        exponent=1.0,
+        full_importances=full_importances,
+        per_sample=per_sample,
+        batch_size=batch_size,
+        progress=progress,
+        max_batch_elems=max_batch_elems,
+    )

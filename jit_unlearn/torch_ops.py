@@ -1,10 +1,13 @@
-"""Pure-PyTorch versions of every jit_unlearn op: the fallback tier and the test oracle.
+"""The pure-PyTorch tier: every jit_unlearn op written in plain PyTorch, the fallback and the test oracle.
 
 Each function computes exactly what the compiled op computes (see csrc/common/*_utils.h for the
 per-element formulas), with the same argument order and the same output dtypes.  The Philox
 generator and the Box-Muller transform are transcribed operation for operation, in float32, so
-the fallback draws the same noise as the C++ and CUDA kernels.
+the fallback draws the same noise as the C++ and CUDA kernels.  A private op's function drops the
+op's leading underscore (`perturb_out` is `torch.ops.jit_unlearn._perturb_out`); callers get the
+function or the compiled op through `jit_unlearn._backend.kernel`.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +31,7 @@ _HALF_PI = 1.57079637e00
 _LOG_C = (3.33333343e-01, 2.00000003e-01, 1.42857149e-01, 1.11111112e-01, 9.09090936e-02)
 # Taylor coefficients of sin and cos on |t| <= pi/4.
 _SIN_C = (-1.66666672e-01, 8.33333377e-03, -1.98412701e-04, 2.75573188e-06, -2.50521079e-08)
-_COS_C = (-5.00000000e-01, 4.16666679e-02, -1.38888892e-03, 2.48015876e-05, -2.75573188e-07,
-          2.08767570e-09)
+_COS_C = (-5.00000000e-01, 4.16666679e-02, -1.38888892e-03, 2.48015876e-05, -2.75573188e-07, 2.08767570e-09)
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -114,10 +116,12 @@ def _sincos_2pi_uniform(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # angle within the quadrant = pi/4 + t
     cos_a = (cos_t - sin_t) * _f32(_INV_SQRT2, t)
     sin_a = (cos_t + sin_t) * _f32(_INV_SQRT2, t)
-    cos_q = torch.where(quadrant == 0, cos_a, torch.where(quadrant == 1, -sin_a,
-                        torch.where(quadrant == 2, -cos_a, sin_a)))
-    sin_q = torch.where(quadrant == 0, sin_a, torch.where(quadrant == 1, cos_a,
-                        torch.where(quadrant == 2, -sin_a, -cos_a)))
+    cos_q = torch.where(
+        quadrant == 0, cos_a, torch.where(quadrant == 1, -sin_a, torch.where(quadrant == 2, -cos_a, sin_a))
+    )
+    sin_q = torch.where(
+        quadrant == 0, sin_a, torch.where(quadrant == 1, cos_a, torch.where(quadrant == 2, -sin_a, -cos_a))
+    )
     return cos_q, sin_q
 
 
@@ -144,8 +148,9 @@ def philox_normal(numel: int, seed: int, offset: int, device=None) -> torch.Tens
     return z.reshape(-1)[:numel]
 
 
-def perturb(x: torch.Tensor, num_samples: int, sigma: float, seed: int, offset: int,
-            clamp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def perturb(
+    x: torch.Tensor, num_samples: int, sigma: float, seed: int, offset: int, clamp: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, ...] -> (x_tilde [N, B, ...] in x.dtype, in_norm [N, B] in the opmath dtype).
 
     x_tilde = clamp(x + sigma * z, min(x), max(x)); in_norm = ||x_tilde - x|| per sample, computed
@@ -166,8 +171,16 @@ def perturb(x: torch.Tensor, num_samples: int, sigma: float, seed: int, offset: 
     return x_tilde, in_norm
 
 
-def perturb_out(x: torch.Tensor, num_samples: int, sigma: float, seed: int, offset: int, clamp: bool,
-                x_tilde: torch.Tensor, in_norm: torch.Tensor) -> None:
+def perturb_out(
+    x: torch.Tensor,
+    num_samples: int,
+    sigma: float,
+    seed: int,
+    offset: int,
+    clamp: bool,
+    x_tilde: torch.Tensor,
+    in_norm: torch.Tensor,
+) -> None:
     """`perturb` written into the caller's x_tilde [N, *x.shape] and in_norm [N, B]."""
     got_x, got_norm = perturb(x, num_samples, sigma, seed, offset, clamp)
     x_tilde.copy_(got_x)
@@ -198,14 +211,20 @@ def lipschitz_ratio(out: torch.Tensor, out_perturbed: torch.Tensor, in_norm: tor
     return torch.where(valid, num / safe_den, torch.zeros_like(num))
 
 
-def lipschitz_ratio_backward(grad: torch.Tensor, out: torch.Tensor, out_perturbed: torch.Tensor,
-                             in_norm: torch.Tensor, compute_perturbed_grad: bool):
+def lipschitz_ratio_backward(
+    grad: torch.Tensor,
+    out: torch.Tensor,
+    out_perturbed: torch.Tensor,
+    in_norm: torch.Tensor,
+    compute_perturbed_grad: bool,
+):
     """Explicit backward of lipschitz_ratio: returns (grad_out [B, K], grad_out_perturbed [N, B, K]
     or an empty [0] tensor).  coef_nb = grad_nb / (num_nb * in_norm_nb), 0 where either is 0."""
     diff, num, den, valid, safe_den = _lipschitz_parts(out, out_perturbed, in_norm)
     ok = valid & (num > 0)
-    coef = torch.where(ok, grad.to(num.dtype) / torch.where(ok, num * safe_den, torch.ones_like(num)),
-                       torch.zeros_like(num))
+    coef = torch.where(
+        ok, grad.to(num.dtype) / torch.where(ok, num * safe_den, torch.ones_like(num)), torch.zeros_like(num)
+    )
     term = diff * coef.unsqueeze(2)  # [N, B, K]
     grad_out = term.sum(dim=0).to(out.dtype)
     if compute_perturbed_grad:
@@ -215,15 +234,15 @@ def lipschitz_ratio_backward(grad: torch.Tensor, out: torch.Tensor, out_perturbe
     return grad_out, grad_pert
 
 
-def lipschitz_ratio_and_grad(grad: torch.Tensor, out: torch.Tensor, out_perturbed: torch.Tensor,
-                             in_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lipschitz_ratio_and_grad(
+    grad: torch.Tensor, out: torch.Tensor, out_perturbed: torch.Tensor, in_norm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(lipschitz_ratio(out, out_perturbed, in_norm), the gradient of sum(grad * ratio) w.r.t. out)."""
     ratio = lipschitz_ratio(out, out_perturbed, in_norm)
     return ratio, lipschitz_ratio_backward(grad, out, out_perturbed, in_norm, False)[0]
 
 
-def accumulate_importance_(acc: list[torch.Tensor], grads: list[torch.Tensor], mode: str,
-                           scale: float) -> None:
+def accumulate_importance_(acc: list[torch.Tensor], grads: list[torch.Tensor], mode: str, scale: float) -> None:
     """acc[i] += scale * g^2 ("square") or scale * |g| ("abs"), in acc's opmath dtype."""
     for a, g in zip(acc, grads):
         op = opmath_dtype(a.dtype)
@@ -234,9 +253,15 @@ def accumulate_importance_(acc: list[torch.Tensor], grads: list[torch.Tensor], m
         a.copy_((a.to(op) + term).to(a.dtype))
 
 
-def ssd_dampen_(params: list[torch.Tensor], imp_forget: list[torch.Tensor], imp_full: list[torch.Tensor],
-                alpha: float, lam: float, exponent: float) -> torch.Tensor:
-    """SSD dampening, ALGORITHMS.md section 2, per element in the opmath dtype:
+def ssd_dampen_(
+    params: list[torch.Tensor],
+    imp_forget: list[torch.Tensor],
+    imp_full: list[torch.Tensor],
+    alpha: float,
+    lam: float,
+    exponent: float,
+) -> torch.Tensor:
+    """SSD dampening (docs/METHODS.md §2), per element in the opmath dtype:
     selected = I_f > alpha * I_D; theta *= min(((lam * I_D) / I_f) ** exponent, 1) where selected.
     Returns the selected count per tensor (int64 [T], on the parameters' device)."""
     counts = []

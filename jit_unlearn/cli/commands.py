@@ -1,0 +1,221 @@
+"""The `jit-unlearn` command line: `demo` and `run CONFIG`.
+
+A subcommand is one function `(args) -> exit status` plus one `register(Command(...))` call; `main`
+builds the parser from the registry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch.utils.data import Dataset
+
+from .config import DEFAULT_TEST_FRACTION, Experiment, UserError, parse_config, read_config
+from .experiment import run_experiment
+
+__all__ = ["Command", "COMMANDS", "register", "main", "demo_experiment", "EXIT_USER_ERROR", "CONFIG_EXAMPLE"]
+
+EXIT_USER_ERROR = 2
+
+# The demo: one MNIST digit forgotten with every method (settings and how they were chosen:
+# docs/TUNING.md, "The demo").
+DEMO_FORGET_CLASS = 3
+DEMO_TEST_FRACTION = DEFAULT_TEST_FRACTION
+DEMO_MODEL = {"name": "convnet", "kwargs": {"width": 16, "hidden": 128, "num_classes": 10}}
+DEMO_RECIPE = {"epochs": 5, "lr": 0.05, "batch_size": 32, "optimizer": "sgd", "momentum": 0.9, "label_smoothing": 0.1}
+DEMO_METHODS = [
+    {"name": "jit", "sigma": 1.0, "lr": 3e-3, "num_samples": 25, "batch_size": 128},
+    {"name": "ssd", "alpha": 8.0, "lam": 1.0, "batch_size": 64},
+    {"name": "lf_ssd", "alpha": 5.0, "lam": 1.0, "batch_size": 64},
+    {"name": "assd", "batch_size": 64},
+    {"name": "del", "budget": 0.1, "lr": 0.1, "epochs": 3, "batch_size": 128},
+]
+# --fast: a stratified 1,200-image subset, a narrow net, small method budgets; it checks the
+# pipeline, not the forgetting.
+FAST_SUBSET = 1200
+FAST_MODEL = {"name": "convnet", "kwargs": {"width": 8, "hidden": 32, "num_classes": 10}}
+FAST_RECIPE = {**DEMO_RECIPE, "epochs": 3}
+FAST_OVERRIDES = {"jit": {"num_samples": 4}, "del": {"epochs": 1}}
+
+
+# The epilog of `run --help`: every key of a config.
+CONFIG_EXAMPLE = """example config (TOML; the same keys work in JSON):
+
+  seed = 0                      # splits, training, methods, MIA folds
+  device = "auto"               # cpu | cuda | cuda:N | auto
+  out = "runs/cifar10_class0"   # results.json, results.png, original.pt
+  retrain = true                # also train the retrain-from-scratch baseline
+
+  [dataset]
+  name = "cifar10"              # mnist | digits | synthetic_cifar | cifar10 | cifar100
+  root = "/data"                # cifar: the folder holding cifar-10-batches-py / cifar-100-python
+  # kwargs = { ... }            # passed to jit_unlearn.data.load; test_fraction = 0.2 for the
+                                # one-split sets (mnist, digits, synthetic_cifar)
+  [model]
+  name = "resnet18"             # mlp | small_cnn | convnet | resnet18
+  kwargs = { num_classes = 10 }
+  checkpoint = "resnet18.pt"    # a state_dict, loaded with weights_only=True; omit to train one
+
+  [train]                       # the recipe for the original (no checkpoint) and the retrain
+  epochs = 30
+  lr = 0.1
+  batch_size = 128              # optimizer = "sgd" | "adam", momentum, weight_decay,
+                                # schedule = "cosine" | "constant", label_smoothing, seed
+  [scenario]
+  kind = "full_class"           # full_class: class = 0 (or a list) | random: fraction = 0.1 |
+  class = 0                     # sub_class: fine_class = 69, coarse_of = [...] (cifar100: optional)
+
+  [[methods]]                   # any number; every key but name/label is a keyword argument
+  name = "jit"                  # jit | ssd | lf_ssd | assd | del
+  sigma = 0.5
+  lr = 3e-4
+
+  [[methods]]
+  name = "ssd"
+  alpha = 10.0
+"""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, one-line help, a function that adds its own arguments to its parser
+    (the common --device/--seed/--out/--quiet are there already), and the function that runs it."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str | None = None
+    epilog: str | None = None
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def register(command: Command) -> Command:
+    """Add a subcommand to `jit-unlearn` (listed in registration order)."""
+    if command.name in COMMANDS:
+        raise ValueError(f"command: {command.name!r} is registered already")
+    COMMANDS[command.name] = command
+    return command
+
+
+def demo_experiment(
+    *, device=None, seed=None, out=None, quiet=False, fast=False, forget_class=DEMO_FORGET_CLASS
+) -> Experiment:
+    """The demo's Experiment: bundled MNIST, `forget_class` forgotten by every method."""
+    methods = []
+    for entry in DEMO_METHODS:
+        entry = dict(entry)
+        if fast:
+            entry.update(FAST_OVERRIDES.get(entry["name"], {}))
+        methods.append(entry)
+    cfg = {
+        "dataset": {"name": "mnist", "test_fraction": DEMO_TEST_FRACTION},
+        "model": FAST_MODEL if fast else DEMO_MODEL,
+        "train": FAST_RECIPE if fast else DEMO_RECIPE,
+        "scenario": {"kind": "full_class", "class": forget_class},
+        "methods": methods,
+    }
+    return parse_config(cfg, device=device, seed=seed, out=out or "jit_unlearn_demo", quiet=quiet)
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fast", action="store_true", help="a tiny subset and budgets (seconds; for tests)")
+    parser.add_argument("--forget-class", type=int, default=DEMO_FORGET_CLASS, help="the digit to forget (default 3)")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .. import data as data_mod
+    from ..eval import train_test_split
+
+    if not 0 <= args.forget_class <= 9:
+        raise UserError(f"--forget-class: expected a digit 0-9, got {args.forget_class}")
+    exp = demo_experiment(
+        device=args.device,
+        seed=args.seed,
+        out=args.out,
+        quiet=args.quiet,
+        fast=args.fast,
+        forget_class=args.forget_class,
+    )
+    ds: Dataset = data_mod.mnist()
+    if args.fast:
+        _, ds = train_test_split(ds, FAST_SUBSET / len(ds), seed=exp.seed)
+    title = f"MNIST, forget digit {args.forget_class}" + (" (fast)" if args.fast else "")
+    run_experiment(exp, train_ds=ds, title=title)
+    return 0
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="path to the .toml or .json experiment file")
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = read_config(args.config)
+    exp = parse_config(cfg, device=args.device, seed=args.seed, out=args.out, quiet=args.quiet)
+    run_experiment(exp, title=os.path.splitext(os.path.basename(args.config))[0])
+    return 0
+
+
+register(
+    Command(
+        "demo",
+        "unlearn one MNIST digit with every method, vs retraining",
+        _demo_arguments,
+        _demo,
+        description="Train a small CNN on bundled MNIST and a retrained baseline, unlearn one digit with JiT, SSD, "
+        "LF-SSD, ASSD and DEL, and compare (hyper-parameters tuned for digit 3; see docs/TUNING.md).",
+    )
+)
+register(
+    Command(
+        "run",
+        "run an experiment described by a TOML or JSON file",
+        _run_arguments,
+        _run,
+        description="Run a TOML/JSON experiment: dataset, model, train, scenario, methods.",
+        epilog=CONFIG_EXAMPLE,
+    )
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the config's, else auto)")
+    common.add_argument("--seed", type=int, default=None, help="seed for splits, training and methods (default 0)")
+    common.add_argument("--out", default=None, help="output folder for results.json, results.png, original.pt")
+    common.add_argument("--quiet", action="store_true", help="no progress bars or step messages; only the table")
+    parser = argparse.ArgumentParser(prog="jit-unlearn", description="Machine unlearning: demo and experiments.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for command in COMMANDS.values():
+        formatter = argparse.RawDescriptionHelpFormatter if command.epilog else argparse.HelpFormatter
+        child = sub.add_parser(
+            command.name,
+            parents=[common],
+            help=command.help,
+            description=command.description,
+            epilog=command.epilog,
+            formatter_class=formatter,
+        )
+        command.add_arguments(child)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `jit-unlearn` command; returns the exit status (2 for user errors)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.seed is not None and args.seed < 0:
+            raise UserError(f"--seed: expected an int >= 0, got {args.seed}")
+        return COMMANDS[args.command].run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,180 @@
+"""The per-sample (SSD-Det) pass of the importances: vectorised per-sample gradients (torch.func),
+with nn.Linear weights reduced from outer products instead of per-sample gradient tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import distributed
+from .._utils import batch_input, batch_labels, iter_batches, model_device
+from .._utils import progress as progress_bar
+from .batch_pass import batch_loss, num_batches
+
+# Default cap on per-sample gradient elements held at once (chunk size * trainable parameters):
+# 2^25 float32 values = 128 MiB.
+DEFAULT_MAX_BATCH_ELEMS = 2**25
+
+
+def _sample_loss(out: torch.Tensor, y: torch.Tensor | None, kind: str) -> torch.Tensor:
+    """`batch_loss` of one sample's logits out [1, K] inside vmap.  Cross-entropy is written as
+    logsumexp(out) - out[y], which has native batching rules (F.cross_entropy's goes through a
+    Python decomposition under vmap, a fixed cost per call)."""
+    if kind == "fisher":
+        return (torch.logsumexp(out[0], 0) - out[0].gather(0, y.view(1))).squeeze(0)
+    return batch_loss(out, None, kind)
+
+
+class _Unfactorable(Exception):
+    """A Linear module whose per-sample gradient is not one outer product (called twice per
+    sample, or fed more than one row per sample); it goes back to the plain vmap path."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def _factorable_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """nn.Linear modules with a trainable weight that share no parameter with another module."""
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                owners[id(p)] = owners.get(id(p), 0) + 1
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if type(m) is torch.nn.Linear
+        and m.weight.requires_grad
+        and all(owners[id(p)] == 1 for p in m._parameters.values() if p is not None)
+    }
+
+
+class _LinearTaps:
+    """Forward hooks that, while active, record each factored Linear's input a and add a zero
+    probe to its output: the gradient w.r.t. the probe is then the per-sample output gradient d,
+    and the per-sample weight gradient is the outer product d a^T."""
+
+    def __init__(self, modules: dict[str, torch.nn.Linear]):
+        self.modules = modules
+        self.probes: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.calls: dict[str, int] = {}
+        self.active = False
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            if not self.active or name not in self.probes:
+                return None
+            self.calls[name] = self.calls.get(name, 0) + 1
+            a = args[0]
+            if self.calls[name] > 1 or a.dim() != 2 or a.shape[0] != 1:
+                raise _Unfactorable(name)
+            self.inputs[name] = a[0]
+            return output + self.probes[name]
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _param_name(prefix: str, leaf: str) -> str:
+    return f"{prefix}.{leaf}" if prefix else leaf
+
+
+def per_sample_pass(
+    model, batches, acc: dict[str, torch.Tensor], kind: str, show: bool, max_elems: int, name: str
+) -> tuple[int, int]:
+    """Add sum_i acc(g_i) over single samples into `acc` with vmap(grad); returns (batches, samples).
+
+    nn.Linear weights are not differentiated per sample: their gradient for sample i is the outer
+    product d_i a_i^T, so sum_i g_i^2 = (d^2)^T (a^2) and sum_i |g_i| = |d|^T |a| (one matmul per
+    chunk instead of a [chunk, out, in] tensor).  Every other parameter gets its per-sample
+    gradient from vmap(grad(...)) and is reduced over the chunk."""
+    square = kind == "fisher"
+    device = model_device(model)
+    linears = _factorable_linears(model)
+    taps = _LinearTaps(linears)
+    try:
+        batches_seen = num_samples = 0
+        plan = _PerSamplePlan(model, taps, kind, max_elems)
+        for batch in progress_bar(
+            iter_batches(batches), enabled=show, desc=f"per-sample importances ({name})", total=num_batches(batches)
+        ):
+            x = batch_input(batch, name=name)
+            y = batch_labels(batch, name=name).to(device, non_blocking=True) if square else None
+            x = x.to(device, non_blocking=True)
+            start = 0
+            while start < x.shape[0]:
+                stop = start + plan.chunk
+                try:
+                    grads, deltas, inputs = plan(x[start:stop], None if y is None else y[start:stop])
+                except _Unfactorable as exc:
+                    plan = _PerSamplePlan(model, taps, kind, max_elems, factored=plan.factored - {exc.name})
+                    continue
+                for pname, g in grads.items():
+                    acc[pname].add_((g * g if square else g.abs()).sum(0))
+                for mname, d in deltas.items():
+                    a = inputs[mname]
+                    d, a = (d * d, a * a) if square else (d.abs(), a.abs())
+                    acc[_param_name(mname, "weight")].addmm_(d.t(), a)
+                    bias = linears[mname].bias
+                    if bias is not None and bias.requires_grad:
+                        acc[_param_name(mname, "bias")].add_(d.sum(0))
+                start = stop
+            batches_seen += 1
+            num_samples += x.shape[0]
+    finally:
+        taps.remove()
+    if batches_seen == 0 and not distributed.is_active():  # a rank's share may be empty
+        raise ValueError(f"{name}: yields no batches (empty)")
+    return batches_seen, num_samples
+
+
+class _PerSamplePlan:
+    """One vmap(grad) function: per-sample gradients of the non-factored trainable parameters and
+    of the probes of the factored Linear modules, plus those modules' per-sample inputs."""
+
+    def __init__(self, model, taps: _LinearTaps, kind: str, max_elems: int, factored: set[str] | None = None):
+        from torch.func import functional_call, grad, vmap
+
+        self.factored = set(taps.modules) if factored is None else set(factored)
+        factored_params = {_param_name(m, leaf) for m in self.factored for leaf in ("weight", "bias")}
+        named = list(model.named_parameters())
+        self.trainable = {n: p.detach() for n, p in named if p.requires_grad and n not in factored_params}
+        fixed = {n: p.detach() for n, p in named if not (p.requires_grad and n not in factored_params)}
+        fixed.update(dict(model.named_buffers()))
+        self.probes = {
+            m: torch.zeros(
+                taps.modules[m].out_features, dtype=taps.modules[m].weight.dtype, device=taps.modules[m].weight.device
+            )
+            for m in self.factored
+        }
+        per_sample = sum(p.numel() for p in self.trainable.values()) + sum(
+            taps.modules[m].in_features + taps.modules[m].out_features for m in self.factored
+        )
+        self.chunk = max(1, max_elems // max(1, per_sample))
+
+        def sample_loss(params, probes, x, y):
+            taps.probes, taps.inputs, taps.calls = probes, {}, {}
+            taps.active = True
+            try:
+                out = functional_call(model, (params, fixed), (x.unsqueeze(0),))
+            finally:
+                taps.active = False
+            # a module this sample never reached contributes nothing (its probe gradient is 0)
+            inputs = {
+                m: taps.inputs[m] if m in taps.inputs else out.new_zeros(taps.modules[m].in_features) for m in probes
+            }
+            taps.probes, taps.inputs = {}, {}
+            return _sample_loss(out, y, kind), inputs
+
+        self.fn = vmap(
+            grad(sample_loss, argnums=(0, 1), has_aux=True), in_dims=(None, None, 0, 0 if kind == "fisher" else None)
+        )
+
+    def __call__(self, x, y):
+        (grads, deltas), inputs = self.fn(self.trainable, self.probes, x, y)
+        return grads, deltas, inputs

@@ -1,0 +1,207 @@
+"""The DEL driver (docs/METHODS.md §3): localize, reset the selected entries to a fresh
+initialisation, and fine-tune them on the retain set."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ... import _checks as checks
+from ... import ops
+from ..._utils import check_labelled, model_device, params_finite, restore_on_failure, seeded_batches
+from .finetune import check_finetune_args, finetune_batches, head_parameter_names, run_finetune
+from .localize import CRITERIA, GRANULARITIES, localize
+from .mask import Mask
+
+__all__ = ["del_unlearn", "DELReport"]
+
+
+@dataclass
+class DELReport:
+    """What a `del_unlearn` call did: the mask and its statistics, the fine-tuning run, and the
+    seconds of each phase (`seconds` is their sum)."""
+
+    mask: Mask
+    fraction: float  # selected fraction of all scored parameters
+    layer_fractions: dict[str, float]
+    masked: int  # selected entries
+    total: int  # scored entries (all trainable floating parameters)
+    head: str | None  # module trained fully, if any
+    epochs: int
+    steps: int
+    final_loss: float | None
+    seconds_localize: float
+    seconds_reset: float
+    seconds_finetune: float
+    seconds: float = field(init=False)
+
+    def __post_init__(self):
+        self.seconds = self.seconds_localize + self.seconds_reset + self.seconds_finetune
+
+
+def _last_linear(model: nn.Module) -> str:
+    """Name of the model's last nn.Linear module (the default classifier head)."""
+    name = None
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            name = n
+    if name is None:
+        raise ValueError(
+            "head: the model has no nn.Linear to train as the classifier head; "
+            "name the head module or pass head_trainable=False"
+        )
+    return name
+
+
+def _init_state(init, model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """The init parameters, checked against the model's names and shapes.  A factory runs under a
+    forked CPU RNG seeded with `seed`, so the fresh initialisation is reproducible and the caller's
+    global RNG state is left alone."""
+    if isinstance(init, nn.Module):
+        state = init.state_dict()
+    elif isinstance(init, Mapping):
+        state = init
+    elif callable(init):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            built = init()
+        if isinstance(built, nn.Module):
+            state = built.state_dict()
+        elif isinstance(built, Mapping):
+            state = built
+        else:
+            raise TypeError(
+                f"init: the factory must return an nn.Module or a state_dict, returned {type(built).__name__}"
+            )
+    else:
+        raise TypeError(
+            f"init: expected a state_dict, an nn.Module or a zero-argument factory, got {type(init).__name__}"
+        )
+    model_state = model.state_dict()
+    unexpected = [n for n in state if n not in model_state]
+    if unexpected:
+        raise ValueError(f"init: names that the model does not have: {unexpected[:5]}")
+    out = {}
+    for name, p in model.named_parameters():
+        if name not in state:
+            raise ValueError(f"init: missing parameter {name!r}")
+        t = state[name]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"init[{name!r}]: expected a floating tensor")
+        if t.shape != p.shape:
+            raise ValueError(f"init[{name!r}]: shape {tuple(t.shape)} differs from the model's {tuple(p.shape)}")
+        out[name] = t
+    return out
+
+
+def del_unlearn(
+    model: nn.Module,
+    forget,
+    retain,
+    *,
+    init,
+    budget: float = 0.3,
+    lr: float = 0.015,
+    epochs: int = 30,
+    batch_size: int = 128,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    head_trainable: bool = True,
+    head: str | None = None,
+    criterion: str = "weighted_grad",
+    granularity: str = "channel",
+    top_fraction: float | None = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+) -> DELReport:
+    """DEL: localize (docs/METHODS.md §3 steps 1-3), reset the selected entries to `init`, fine-tune them on retain.
+
+    Args:
+        model: classifier returning [B, K] logits; modified in place.
+        forget, retain: (x, y) batches: DataLoaders (used as is) or tensors / Datasets batched by
+            `batch_size` (retain shuffled with `seed`).  y int64 [B].
+        init: a freshly initialised copy of the architecture: a state_dict, an nn.Module, or a
+            zero-argument factory (run under torch.manual_seed(seed) in a forked RNG).  Its names and
+            shapes must match the model's; it is checked before anything changes.
+        budget, criterion, granularity, top_fraction: see `localize`.
+        lr, epochs, momentum, weight_decay: masked SGD fine-tuning, see `masked_finetune`.
+        head_trainable: train the classifier head fully: the module named `head`, by default the last
+            nn.Linear of the model.
+    Returns:
+        DELReport with the mask, its statistics, epochs, steps and seconds per phase.
+    On failure (including KeyboardInterrupt) the model is restored bitwise.
+    """
+    checks.choice(criterion, "criterion", CRITERIA)
+    checks.choice(granularity, "granularity", GRANULARITIES)
+    checks.real(budget, "budget", low=0.0, high=1.0, low_open=True)
+    if top_fraction is not None:
+        checks.real(top_fraction, "top_fraction", low=0.0, high=1.0, low_open=True)
+    check_finetune_args(lr, epochs, momentum, weight_decay, 0.0, seed, "finetune")
+    checks.integer(batch_size, "batch_size", low=1)
+    checks.boolean(head_trainable, "head_trainable")
+    state = _init_state(init, model, seed)
+    head_name = (head if head is not None else _last_linear(model)) if head_trainable else None
+    head_names = head_parameter_names(model, head_name)
+    forget_batches = None
+    if criterion != "random":
+        forget_batches = seeded_batches(forget, batch_size, "forget")
+        check_labelled(forget_batches, "forget")
+    retain_batches, _ = finetune_batches(retain, None, "finetune", batch_size, seed)
+    device = model_device(model)
+    with restore_on_failure(model):
+        t0 = time.perf_counter()
+        mask = localize(
+            model,
+            forget_batches,
+            criterion=criterion,
+            granularity=granularity,
+            budget=budget,
+            top_fraction=top_fraction,
+            seed=seed,
+            progress=progress,
+        )
+        checks.sync(device)
+        t1 = time.perf_counter()
+        named = dict(model.named_parameters())
+        names = list(mask)
+        with torch.no_grad():
+            targets = [named[n] for n in names]
+            values = [state[n].to(device=p.device, dtype=p.dtype) for n, p in zip(names, targets)]
+            if not params_finite(v for v, n in zip(values, names) if bool(mask[n].any())):
+                raise ValueError("init: has non-finite values in entries selected for the reset")
+            ops.masked_reset_(targets, values, [mask[n] for n in names])
+        checks.sync(device)
+        t2 = time.perf_counter()
+        fine = run_finetune(
+            model,
+            mask,
+            retain_batches,
+            None,
+            objective="finetune",
+            lr=float(lr),
+            epochs=epochs,
+            momentum=float(momentum),
+            weight_decay=float(weight_decay),
+            beta=0.0,
+            seed=seed,
+            head_names=head_names,
+            show=progress,
+        )
+    return DELReport(
+        mask=mask,
+        fraction=mask.fraction(),
+        layer_fractions=mask.layer_fractions(),
+        masked=mask.count(),
+        total=mask.numel(),
+        head=head_name,
+        epochs=epochs,
+        steps=fine.steps,
+        final_loss=fine.final_loss,
+        seconds_localize=t1 - t0,
+        seconds_reset=t2 - t1,
+        seconds_finetune=fine.seconds,
+    )

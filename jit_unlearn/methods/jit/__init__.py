@@ -1,0 +1,215 @@
+"""JiT: zero-shot Lipschitz unlearning (docs/METHODS.md §1).  This module holds the public `jit` and
+its checks; the two modes live in `default.py` (the fixed method) and `reference.py` (the published
+code), what keeps both safe in `safety.py`."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from ... import _checks as checks
+from ... import distributed
+from ..._utils import ModelState, as_batches, batch_input, restore_on_failure, split_rows
+from ..._utils import progress as _progress
+from .default import DEFAULT_MAX_BATCH_ELEMS, DefaultSettings, default_max_batch_elems, run_default
+from .reference import run_reference
+from .safety import restore_optimizer_on_failure
+
+__all__ = ["jit", "JiTReport", "default_max_batch_elems", "DEFAULT_MAX_BATCH_ELEMS"]
+
+_MODES = ("default", "reference")
+_REDUCTIONS = ("sum", "mean")
+
+
+@dataclass
+class JiTReport:
+    """What a `jit` call did: optimizer steps (one per forget batch), forget samples seen, wall
+    seconds, the mean of the per-step losses, the op tier that ran ("cuda", "cpu" or "torch"),
+    and the mode."""
+
+    steps: int
+    samples: int
+    seconds: float
+    mean_loss: float
+    backend: str
+    mode: str
+
+
+def jit(
+    model: nn.Module,
+    forget,
+    *,
+    sigma: float,
+    lr: float,
+    num_samples: int = 25,
+    batch_size: int | None = None,
+    mode: str = "default",
+    seed: int = 0,
+    reduction: str = "sum",
+    optimizer: torch.optim.Optimizer | None = None,
+    max_batch_elems: int | None = None,
+    progress: bool = True,
+) -> JiTReport:
+    """Unlearn `forget` from a classifier in place by making it locally Lipschitz around each sample
+    (docs/METHODS.md §1).
+
+    Per forget batch x [B, ...] it draws `num_samples` (N) copies x~ = clamp(x + sigma * xi, min(x),
+    max(x)) (min/max over the whole batch), and takes one gradient step on
+        loss = (1/N) sum_n sum_i ||f(x_i) - f(x~_ni)||_2 / ||x_i - x~_ni||_2
+    (the perturbed outputs are constants).  One pass over the forget set, one step per batch;
+    labels are never read.  Starting hyper-parameters: docs/TUNING.md.
+
+    Args:
+        model: classifier returning logits [B, K]; float32/float64, or bfloat16/float16 with the
+            loss computed in float32.  Any train/eval mode; BatchNorm, Dropout and in-place ReLU work.
+        forget: DataLoader, Dataset or tensor [M, ...] of forget samples on the model's device.  A
+            batch is the input itself when it is a tensor, else its first element (so `x`, `(x, y)`
+            and `(x, _, y)` batches work).  Floating inputs are cast to the model's dtype.
+        sigma: noise standard deviation, > 0, in the units of the (normalised) input.
+        lr: learning rate of the plain SGD step, >= 0 (ignored when `optimizer` is given).
+        num_samples: N >= 1 perturbed copies per batch.
+        batch_size: batch size for a Dataset or tensor `forget` (default 128); must be None for a
+            DataLoader.
+        mode: "default" (the fixed method) or "reference" (the published code), see Modes.
+        seed: Philox seed of the default mode's noise, an int in [-2^63, 2^64); batch t uses stream
+            offset t, so a run is reproducible and draws the same noise on CPU and GPU.  Unused in
+            reference mode.
+        reduction: "sum" over the batch (the paper's; published learning rates assume it) or
+            "mean" (divide by B).
+        optimizer: default mode only: a torch.optim.Optimizer over (some of) the model's
+            parameters, stepped instead of plain SGD; its state is restored if the run fails.
+        max_batch_elems: default mode only: input elements per no-grad forward of the N*B
+            perturbed samples; more are split into equal chunks.  Default: `default_max_batch_elems`
+            of the model's device (2^17 on CPU, 2^22 on GPUs).
+        progress: show a tqdm bar over the forget batches.
+
+    Modes:
+        "default": every step runs with the whole model in eval mode (each module's own flag is
+            restored afterwards), gradients are zeroed each step, the noise comes from
+            `ops.perturb`, the N*B perturbed samples go through the model in one no-grad forward
+            (chunked), and the loss is `ops.lipschitz_ratio`; pairs whose input difference is zero
+            are dropped instead of dividing by zero.  Gradients are cleared (None) at the end.
+        "reference": the published implementation: the caller's train/eval mode is kept; the N
+            perturbed passes run one by one, each drawing `torch.randn(x.shape)` from torch's
+            global CPU generator (seed it with `torch.manual_seed` to reproduce a run); gradients
+            are zeroed once at the start and then accumulate, so step t applies the sum of all
+            gradients so far, and are left in `.grad` at the end; plain SGD.  Norms are computed in
+            float32 (float64 for float64 models).
+    Under torch.distributed (e.g. torchrun), the default mode splits each batch's rows across the
+    ranks and sums their gradients, so every rank takes the step that one process would take on
+    the global batch.  The reference mode runs whole on every rank (docs/DISTRIBUTED.md).
+
+    Safety: the arguments, the first batch and the first output shape are checked before any
+    step; if anything fails (KeyboardInterrupt included) parameters and buffers are restored
+    bitwise.  Non-finite values raise FloatingPointError and the model is restored: reference
+    mode and a caller's optimizer check every step's gradients (and the optimizer's result); the
+    default mode's plain SGD checks the parameters once after the last step (an inf or NaN that
+    reaches a parameter stays there), so its steps run without a host sync.
+
+    Returns:
+        JiTReport(steps, samples, seconds, mean_loss, backend, mode).
+    """
+    start = time.perf_counter()
+    _check_args(model, sigma, lr, num_samples, mode, seed, reduction, optimizer, max_batch_elems, progress)
+    state = ModelState(model)
+    params = [p for p in state.params if p.requires_grad]
+    if not params:
+        raise ValueError("model: has no trainable parameters (requires_grad=True)")
+    device, dtype = state.device(), state.dtype()
+    if mode == "default" and (isinstance(forget, torch.Tensor) or type(forget) is TensorDataset):
+        # The batches a DataLoader would collate, sliced and copied (a model may work in place on its
+        # input) instead of gathered sample by sample.  Reference mode keeps the DataLoader:
+        # iterating one draws from the global generator.
+        slices = split_rows(forget, batch_size, name="forget")
+        split = distributed.BatchSplit(slices)  # under torch.distributed: same batches everywhere, rows split
+        distributed.check_same_model(model)
+        total, it = len(slices), (s.clone() for s in split.batches)
+    else:
+        batches = as_batches(forget, batch_size, name="forget")
+        if mode == "default":
+            split = distributed.BatchSplit(batches)
+            batches = split.batches
+            distributed.check_same_model(model)
+        try:
+            total = len(batches)
+        except TypeError:
+            total = None
+        it = iter(batches)
+    first = next(it, None)
+    if first is None:
+        raise ValueError("forget: yields no batches (empty)")
+    _batch_x(first, device, dtype)  # fail on a bad first batch before anything changes
+    stream = _progress(itertools.chain([first], it), enabled=progress, desc="jit", total=total)
+    xs = (_batch_x(batch, device, dtype) for batch in stream)
+
+    with torch.enable_grad(), restore_on_failure(model, state), restore_optimizer_on_failure(optimizer):
+        if mode == "reference":
+            steps, samples, loss_sum = run_reference(
+                model, xs, params, sigma=float(sigma), lr=float(lr), num_samples=num_samples, reduction=reduction
+            )
+            backend = "torch"
+        else:
+            settings = DefaultSettings(
+                sigma=float(sigma),
+                lr=float(lr),
+                num_samples=num_samples,
+                seed=checks.seed64(seed, "seed"),
+                reduction=reduction,
+                max_batch_elems=default_max_batch_elems(device) if max_batch_elems is None else max_batch_elems,
+                optimizer=optimizer,
+            )
+            steps, samples, loss_sum, backend = run_default(
+                model, xs, state=state, params=params, settings=settings, split=split
+            )
+    return JiTReport(
+        steps=steps,
+        samples=samples,
+        seconds=time.perf_counter() - start,
+        mean_loss=float(loss_sum) / steps,
+        backend=backend,
+        mode=mode,
+    )
+
+
+def _batch_x(batch, device, dtype) -> torch.Tensor:
+    x = batch_input(batch, name="forget")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"forget: the input of a batch must be a tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"forget: inputs must be floating point to be perturbed, got {x.dtype}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"forget: a batch must be [B, ...] with B >= 1, got shape {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(
+            f"forget: inputs are on {x.device} but the model is on {device}; "
+            "move the data (or the model) to one device first"
+        )
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _check_args(model, sigma, lr, num_samples, mode, seed, reduction, optimizer, max_batch_elems, progress):
+    checks.module(model)
+    checks.real(sigma, "sigma", low=0, low_open=True)
+    checks.real(lr, "lr", low=0)
+    checks.integer(num_samples, "num_samples", low=1)
+    checks.choice(mode, "mode", _MODES)
+    checks.seed64(seed, "seed")
+    checks.choice(reduction, "reduction", _REDUCTIONS)
+    checks.optional_integer(max_batch_elems, "max_batch_elems", low=1)
+    checks.boolean(progress, "progress")
+    if optimizer is not None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if mode == "reference":
+            raise ValueError(
+                "optimizer: mode='reference' always takes plain SGD steps with `lr`; "
+                "pass optimizer=None or use mode='default'"
+            )
+        owned = {id(p) for p in model.parameters()}
+        if any(id(p) not in owned for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("optimizer: holds parameters that do not belong to `model`")
