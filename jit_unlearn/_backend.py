@@ -182,8 +182,12 @@ def backend_info() -> dict:
     """Which tiers are compiled and which will run.
 
     Returns a dict: extension_loaded, library (its path or None), load_error, compiled_cpu,
-    compiled_cuda, cuda_available, requested (auto/compiled/torch) and active ({"cpu": tier,
-    "cuda": tier or None})."""
+    compiled_cuda, cuda_available, requested (auto/compiled/torch), active ({"cpu": tier,
+    "cuda": tier or None}), fast_bf16 ({"cpu": bool, "cuda": bool or None}: whether
+    precision="auto" picks bfloat16 there) and fast_bf16_features (the hardware features behind
+    it per device, e.g. ["AMX-BF16", "AVX512-BF16"])."""
+    from . import _precision
+
     info = {
         "extension_loaded": extension_loaded(),
         "library": _library_path,
@@ -203,4 +207,9 @@ def backend_info() -> dict:
         except RuntimeError:
             active[dev] = "unavailable"
     info["active"] = active
+    info["fast_bf16_features"] = {
+        dev: list(_precision.fast_bf16_features(dev)) if dev == "cpu" or torch.cuda.is_available() else None
+        for dev in ("cpu", "cuda")
+    }
+    info["fast_bf16"] = {dev: None if f is None else bool(f) for dev, f in info["fast_bf16_features"].items()}
     return info

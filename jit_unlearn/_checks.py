@@ -186,3 +186,17 @@ def sync(dev: torch.device) -> None:
     """Wait for the device's queued work (CUDA) so that a wall-clock reading covers it; a no-op on CPU."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+PRECISIONS = ("float32", "bfloat16", "float16", "auto")
+
+
+def precision(value, device: torch.device | str, name: str = "precision") -> str:
+    """One of PRECISIONS for a model on `device`: "float16" runs on CUDA only."""
+    choice(value, name, PRECISIONS)
+    device_type = torch.device(device).type
+    if value == "float16" and device_type != "cuda":
+        raise ValueError(
+            f"{name}: 'float16' runs on CUDA only, and the model is on {device_type}; use 'bfloat16' or 'auto'"
+        )
+    return value

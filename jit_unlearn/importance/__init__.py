@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks as checks
-from .. import distributed
+from .. import _precision, distributed
 from .._utils import as_batches, module_mode
 from .batch_pass import batch_pass
 from .container import KINDS, Importances, model_fingerprint
@@ -26,6 +26,7 @@ def importances(
     max_batch_elems: int | None = None,
     batch_size: int | None = None,
     name: str = "loader",
+    precision: str = "float32",
 ) -> Importances:
     """Importances of every parameter of `model` on the data in `loader`, model in eval mode.
 
@@ -45,6 +46,11 @@ def importances(
         max_batch_elems: per-sample mode only; cap on per-sample gradient elements held at once
             (default 2^25), which sets the chunk size.
         name: what error messages call the data.
+        precision: "float32" (the model's dtype; the default), "bfloat16", "float16" (CUDA only)
+            or "auto" (bfloat16 where the hardware runs it fast).  bfloat16 runs each forward and
+            backward under autocast (channels_last inputs for conv nets); the gradients, their
+            accumulation and the result stay float32 (docs/METHODS.md §7).  float16 changes
+            nothing here (a graded pass).  Needs a float32 model unless "float32" or "auto".
     Returns:
         Importances with one tensor per named parameter (its shape and dtype, on its device);
         parameters that get no gradient (frozen or unused) have zero importance.
@@ -56,6 +62,7 @@ def importances(
     checks.boolean(per_sample, "per_sample")
     checks.optional_integer(max_batch_elems, "max_batch_elems", low=1)
     checks.module(model)
+    prec = _precision.resolve(precision, model)
     batches = distributed.shard_batches(as_batches(loader, batch_size, name=name))
     named = list(model.named_parameters())
     if not any(p.requires_grad for _, p in named):
@@ -65,9 +72,9 @@ def importances(
     with module_mode(model, False), torch.enable_grad():
         if per_sample:
             budget = max_batch_elems or DEFAULT_MAX_BATCH_ELEMS
-            num_batches, num_samples = per_sample_pass(model, batches, acc, kind, progress, budget, name)
+            num_batches, num_samples = per_sample_pass(model, batches, acc, kind, progress, budget, name, prec)
         else:
-            num_batches, num_samples = batch_pass(model, batches, acc, kind, progress, name)
+            num_batches, num_samples = batch_pass(model, batches, acc, kind, progress, name, prec)
     if distributed.is_active():  # each rank read its share of the batches: sum the sums and counts
         distributed.all_reduce_sum_(list(acc.values()))
         num_batches, num_samples = distributed.all_reduce_count([num_batches, num_samples])

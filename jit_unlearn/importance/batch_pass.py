@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, distributed, ops
+from .._precision import Precision, graded_forward
 from .._utils import batch_input, batch_labels, check_logits, iter_batches, model_device
 from .._utils import progress as progress_bar
 
@@ -29,8 +30,11 @@ def num_batches(batches) -> int | None:
         return None
 
 
-def batch_pass(model, batches, acc: dict[str, torch.Tensor], kind: str, show: bool, name: str) -> tuple[int, int]:
-    """Add acc(g_b) of every batch into `acc` (name -> tensor); returns (batches, samples).
+def batch_pass(
+    model, batches, acc: dict[str, torch.Tensor], kind: str, show: bool, name: str, precision: Precision | None = None
+) -> tuple[int, int]:
+    """Add acc(g_b) of every batch into `acc` (name -> tensor); returns (batches, samples).  The
+    forward and backward run as `precision` says (`_precision.graded_forward`).
 
     The first batch goes through the checked `ops.accumulate_importance_`; later batches call the
     kernel directly, since the accumulators and the gradients keep their shapes, dtypes and devices."""
@@ -53,7 +57,7 @@ def batch_pass(model, batches, acc: dict[str, torch.Tensor], kind: str, show: bo
             x = x.to(device, non_blocking=True)
             for p in params:
                 p.grad = None
-            out = check_logits(model(x), x.shape[0])
+            out = check_logits(graded_forward(model, x, precision), x.shape[0])
             batch_loss(out, y, kind).backward(inputs=params)
             grads = [p.grad for p in params]
             if any(g is None for g in grads):  # parameters this batch did not reach keep their sum

@@ -3,10 +3,16 @@ with nn.Linear weights reduced from outer products instead of per-sample gradien
 
 from __future__ import annotations
 
+import contextlib
+import copy
+
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from .. import distributed
-from .._utils import batch_input, batch_labels, iter_batches, model_device
+from .._precision import Precision
+from .._utils import batch_input, batch_labels, check_logits, iter_batches, model_device
 from .._utils import progress as progress_bar
 from .batch_pass import batch_loss, num_batches
 
@@ -85,21 +91,36 @@ def _param_name(prefix: str, leaf: str) -> str:
 
 
 def per_sample_pass(
-    model, batches, acc: dict[str, torch.Tensor], kind: str, show: bool, max_elems: int, name: str
+    model,
+    batches,
+    acc: dict[str, torch.Tensor],
+    kind: str,
+    show: bool,
+    max_elems: int,
+    name: str,
+    precision: Precision | None = None,
 ) -> tuple[int, int]:
-    """Add sum_i acc(g_i) over single samples into `acc` with vmap(grad); returns (batches, samples).
+    """Add sum_i acc(g_i) over single samples into `acc`; returns (batches, samples).
 
     nn.Linear weights are not differentiated per sample: their gradient for sample i is the outer
     product d_i a_i^T, so sum_i g_i^2 = (d^2)^T (a^2) and sum_i |g_i| = |d|^T |a| (one matmul per
-    chunk instead of a [chunk, out, in] tensor).  Every other parameter gets its per-sample
-    gradient from vmap(grad(...)) and is reduced over the chunk."""
+    chunk instead of a [chunk, out, in] tensor).  A model that is a stack of Linear layers and
+    per-sample leaves (`_linear_stack`) gets every d_i from one batched backward pass of the summed
+    per-sample losses; any other model gets its per-sample gradients from vmap(grad(...)), reduced
+    over the chunk.  Under a graded `precision` (bfloat16) the stack's passes run under autocast
+    and the products are formed in the accumulators' dtype; the vmap pass runs in the model's dtype."""
     square = kind == "fisher"
     device = model_device(model)
     linears = _factorable_linears(model)
-    taps = _LinearTaps(linears)
+    stack = _linear_stack(model, linears)
+    taps = None
     try:
         batches_seen = num_samples = 0
-        plan = _PerSamplePlan(model, taps, kind, max_elems)
+        if stack is not None:
+            plan = _StackPlan(stack, kind, max_elems, precision)
+        else:
+            taps = _LinearTaps(linears)
+            plan = _PerSamplePlan(model, taps, kind, max_elems)
         for batch in progress_bar(
             iter_batches(batches), enabled=show, desc=f"per-sample importances ({name})", total=num_batches(batches)
         ):
@@ -112,14 +133,22 @@ def per_sample_pass(
                 try:
                     grads, deltas, inputs = plan(x[start:stop], None if y is None else y[start:stop])
                 except _Unfactorable as exc:
-                    plan = _PerSamplePlan(model, taps, kind, max_elems, factored=plan.factored - {exc.name})
+                    if taps is None:  # the stack met an input it cannot factor: vmap from here on
+                        taps = _LinearTaps(linears)
+                        plan = _PerSamplePlan(model, taps, kind, max_elems)
+                    else:
+                        factored = plan.factored - {exc.name}
+                        plan = _PerSamplePlan(model, taps, kind, max_elems, factored=factored)
                     continue
                 for pname, g in grads.items():
                     acc[pname].add_((g * g if square else g.abs()).sum(0))
                 for mname, d in deltas.items():
+                    weight = acc[_param_name(mname, "weight")]
                     a = inputs[mname]
+                    if d.dtype != weight.dtype:  # reduced-precision passes: products in the accumulators' dtype
+                        d, a = d.to(weight.dtype), a.to(weight.dtype)
                     d, a = (d * d, a * a) if square else (d.abs(), a.abs())
-                    acc[_param_name(mname, "weight")].addmm_(d.t(), a)
+                    weight.addmm_(d.t(), a)
                     bias = linears[mname].bias
                     if bias is not None and bias.requires_grad:
                         acc[_param_name(mname, "bias")].add_(d.sum(0))
@@ -127,15 +156,103 @@ def per_sample_pass(
             batches_seen += 1
             num_samples += x.shape[0]
     finally:
-        taps.remove()
+        if taps is not None:
+            taps.remove()
     if batches_seen == 0 and not distributed.is_active():  # a rank's share may be empty
         raise ValueError(f"{name}: yields no batches (empty)")
     return batches_seen, num_samples
 
 
+# Leaves that map each sample on its own and hold no parameters (Dropout is the identity in eval mode).
+_ELEMENTWISE = (
+    nn.Identity, nn.Dropout, nn.AlphaDropout, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
+    nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+)  # fmt: skip
+
+
+def _linear_stack(model: nn.Module, linears: dict[str, nn.Linear]) -> list[tuple[str, nn.Module]] | None:
+    """(name, leaf) in execution order when `model` is nn.Sequential containers (with Sequential's
+    own forward) of Linear layers, Flatten(start_dim >= 1) and parameter-free element-wise leaves,
+    every module used once, no hooks, and every trainable parameter the weight or bias of a
+    factorable Linear; else None.  Such a model maps each sample on its own, so the gradient of
+    the summed per-sample losses w.r.t. a Linear's output is, row by row, the per-sample one."""
+    names = [n for n, _ in model.named_modules(remove_duplicate=False)]
+    if len(names) != len(set(names)) or len(names) != len(list(model.modules())):
+        return None
+    factored = {id(p) for m in linears.values() for p in m.parameters()}
+    if any(p.requires_grad and id(p) not in factored for p in model.parameters()):
+        return None
+    leaves: list[tuple[str, nn.Module]] = []
+
+    def walk(prefix: str, m: nn.Module) -> bool:
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return False
+        if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
+            return all(walk(f"{prefix}.{n}" if prefix else n, c) for n, c in m.named_children())
+        ok = (
+            (type(m) is nn.Linear and prefix in linears)
+            or (type(m) is nn.Flatten and m.start_dim >= 1)
+            or (type(m) in _ELEMENTWISE and not list(m.parameters()))
+        )
+        if ok:
+            leaves.append((prefix, m))
+        return ok
+
+    if not walk("", model) or not any(type(m) is nn.Linear for _, m in leaves):
+        return None
+    return leaves
+
+
+def _out_of_place(m: nn.Module) -> nn.Module:
+    if not getattr(m, "inplace", False):
+        return m
+    m = copy.copy(m)
+    m.inplace = False
+    return m
+
+
+class _StackPlan:
+    """Per-sample output gradients of every Linear of a `_linear_stack` from one batched forward and
+    one backward of the summed per-sample losses (no parameter gradients are formed)."""
+
+    def __init__(self, leaves: list[tuple[str, nn.Module]], kind: str, max_elems: int, precision):
+        # in-place activations would overwrite the Linear outputs that autograd.grad is asked about:
+        # run shallow copies (these leaves hold no parameters) that work out of place
+        self.leaves = [(n, _out_of_place(m)) for n, m in leaves]
+        self.kind = kind
+        self.precision = precision
+        per_sample = sum(m.in_features + m.out_features for _, m in leaves if type(m) is nn.Linear)
+        self.chunk = max(1, max_elems // max(1, per_sample))
+
+    def __call__(self, x, y):
+        h, inputs, outputs = x, {}, {}
+        with torch.enable_grad(), self.precision.autocast() if self.precision else contextlib.nullcontext():
+            for name, m in self.leaves:
+                if type(m) is nn.Linear:
+                    if h.dim() != 2:  # more than one row per sample: not one outer product
+                        raise _Unfactorable(name)
+                    inputs[name] = h.detach()
+                    h = m(h)
+                    outputs[name] = h
+                else:
+                    h = m(h)
+        out = check_logits(h, x.shape[0])
+        out = self.precision.logits(out) if self.precision else out
+        if self.kind == "fisher":
+            loss = F.cross_entropy(out, y, reduction="sum")
+        else:
+            loss = torch.linalg.vector_norm(out, 2, dim=1).pow(2).sum()
+        names = list(outputs)
+        deltas = torch.autograd.grad(loss, [outputs[n] for n in names])
+        return {}, dict(zip(names, deltas)), inputs
+
+
 class _PerSamplePlan:
     """One vmap(grad) function: per-sample gradients of the non-factored trainable parameters and
-    of the probes of the factored Linear modules, plus those modules' per-sample inputs."""
+    of the probes of the factored Linear modules, plus those modules' per-sample inputs.  It runs
+    in the model's dtype whatever the precision: autocast does not compose with vmap's rules (a
+    bfloat16 convolution output meets a float32 batch norm)."""
 
     def __init__(self, model, taps: _LinearTaps, kind: str, max_elems: int, factored: set[str] | None = None):
         from torch.func import functional_call, grad, vmap

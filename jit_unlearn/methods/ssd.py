@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import _checks as checks
-from .. import ops
+from .. import _precision, ops
 from .._utils import as_batches, model_device, restore_on_failure
 from ..importance import Importances, importances
 
@@ -24,7 +24,8 @@ class SSDReport:
     """What one SSD-family call did.
 
     selected maps each parameter name to its number of dampened elements; the importances are kept
-    so that `full_importances` can be reused for the next deletion request."""
+    so that `full_importances` can be reused for the next deletion request; precision is what the
+    importance passes ran in ("auto" resolved)."""
 
     method: str
     alpha: float
@@ -38,6 +39,7 @@ class SSDReport:
     dampen_seconds: float
     forget_importances: Importances = field(repr=False)
     full_importances: Importances = field(repr=False)
+    precision: str = "float32"
 
     @property
     def selected_fraction(self) -> float:
@@ -153,10 +155,12 @@ def _unlearn(
     batch_size,
     progress,
     max_batch_elems,
+    precision,
 ) -> SSDReport:
     alpha, lam, exponent = _check_hparams(alpha, lam, exponent)
     checks.module(model)
     checks.boolean(per_sample, "per_sample")
+    prec = _precision.resolve(precision, model)
     if full_importances is not None:
         if isinstance(full_importances, Importances):  # a plain mapping records neither
             if full_importances.kind != kind:
@@ -176,7 +180,13 @@ def _unlearn(
     forget_batches = as_batches(forget, batch_size, name="forget")
     full_batches = as_batches(full, batch_size, name="full") if full_importances is None else None
     device = model_device(model)
-    opts = {"kind": kind, "per_sample": per_sample, "progress": progress, "max_batch_elems": max_batch_elems}
+    opts = {
+        "kind": kind,
+        "per_sample": per_sample,
+        "progress": progress,
+        "max_batch_elems": max_batch_elems,
+        "precision": prec.name,
+    }
     start = time.perf_counter()
     with restore_on_failure(model):
         imp_f = importances(model, forget_batches, name="forget", **opts)
@@ -208,6 +218,7 @@ def _unlearn(
         dampen_seconds=end - mid,
         forget_importances=imp_f,
         full_importances=imp_d,
+        precision=prec.name,
     )
 
 
@@ -224,6 +235,7 @@ def ssd(
     batch_size: int | None = None,
     progress: bool = True,
     max_batch_elems: int | None = None,
+    precision: str = "float32",
 ) -> SSDReport:
     """Selective Synaptic Dampening, in place.
 
@@ -238,6 +250,9 @@ def ssd(
         full_importances: precomputed I_D for this model (e.g. `report.full_importances` of an
             earlier call, or `Importances.load`): skips the full-data pass.
         per_sample: SSD-Det per-sample importances instead of the published batch average.
+        precision: what the importance passes run in: "float32" (the model's dtype; the default),
+            "bfloat16", "float16" (CUDA only; changes nothing here) or "auto" (see `importances`).
+            Importances, their accumulation and the dampening stay float32.
     Returns:
         SSDReport.  On any error the model is restored bitwise.
     """
@@ -255,6 +270,7 @@ def ssd(
         batch_size=batch_size,
         progress=progress,
         max_batch_elems=max_batch_elems,
+        precision=precision,
     )
 
 
@@ -271,6 +287,7 @@ def lf_ssd(
     batch_size: int | None = None,
     progress: bool = True,
     max_batch_elems: int | None = None,
+    precision: str = "float32",
 ) -> SSDReport:
     """Label-free SSD (LF-SSD), in place: as `ssd`, with importances |grad| of the batch-mean squared
     logit norm.  Labels are never read, so loaders of bare input tensors work."""
@@ -288,6 +305,7 @@ def lf_ssd(
         batch_size=batch_size,
         progress=progress,
         max_batch_elems=max_batch_elems,
+        precision=precision,
     )
 
 
@@ -301,6 +319,7 @@ def assd(
     batch_size: int | None = None,
     progress: bool = True,
     max_batch_elems: int | None = None,
+    precision: str = "float32",
 ) -> SSDReport:
     """Adaptive SSD, in place: SSD with lam = 1 and alpha = `assd_alpha` of the two importances, with
     |D_f| and |D| the sample counts the importances were computed on."""
@@ -318,4 +337,5 @@ def assd(
         batch_size=batch_size,
         progress=progress,
         max_batch_elems=max_batch_elems,
+        precision=precision,
     )

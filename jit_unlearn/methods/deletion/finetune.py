@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import _checks as checks
+from ..._precision import Precision, graded_forward, resolve
 from ..._utils import (
     batch_input,
     batch_labels,
@@ -88,8 +89,10 @@ def run_finetune(
     seed,
     head_names,
     show,
+    precision: Precision | None = None,
 ) -> FinetuneReport:
-    """SGD with momentum and cosine annealing (to 0.01·lr over every step) on the masked entries.
+    """SGD with momentum and cosine annealing (to 0.01·lr over every step) on the masked entries;
+    forwards and backwards run as `precision` says, the updates in the parameters' dtype.
 
     Unmasked entries stay bitwise fixed by construction, at the cost of one `where` per masked tensor
     per step: the L2 term is added to the gradient and the result is zeroed outside the mask before it
@@ -126,12 +129,12 @@ def run_finetune(
             for batch in retain_batches:
                 x = batch_input(batch, name="retain").to(device)
                 y = batch_labels(batch, name="retain").to(device)
-                loss = F.cross_entropy(check_logits(model(x), x.shape[0]), y)
+                loss = F.cross_entropy(check_logits(graded_forward(model, x, precision), x.shape[0]), y)
                 if forget_iter is not None:
                     fb = next(forget_iter)
                     xf = batch_input(fb, name="forget").to(device)
                     yf = batch_labels(fb, name="forget").to(device)
-                    out_f = check_logits(model(xf), xf.shape[0])
+                    out_f = check_logits(graded_forward(model, xf, precision), xf.shape[0])
                     if objective == "neggrad_plus":
                         loss = loss - beta * F.cross_entropy(out_f, yf)
                     else:
@@ -208,6 +211,7 @@ def masked_finetune(
     seed: int = 0,
     head=None,
     progress: bool = True,
+    precision: str = "float32",
 ) -> FinetuneReport:
     """Train only the masked entries of `model` (plus the `head` module fully), in place.
 
@@ -223,6 +227,9 @@ def masked_finetune(
         beta: weight of the forget ascent term of "neggrad_plus" (>= 0; small, since the negated
             forget CE is unbounded).
         head: module name (or list of names) whose parameters train fully; None trains only the mask.
+        precision: "float32" (the model's dtype; the default), "bfloat16" (forwards and backwards
+            under autocast; gradients, momentum and updates stay float32), "float16" (CUDA only;
+            changes nothing here) or "auto" (bfloat16 where the hardware runs it fast).
     The model trains in train mode (BatchNorm statistics update) and gets its modes back afterwards;
     on any failure parameters and buffers are restored bitwise.
     Returns:
@@ -233,6 +240,7 @@ def masked_finetune(
     check_finetune_args(lr, epochs, momentum, weight_decay, beta, seed, objective)
     checks.integer(batch_size, "batch_size", low=1)
     mask.check(model)
+    prec = resolve(precision, model)
     head_names = head_parameter_names(model, head)
     retain_batches, forget_batches = finetune_batches(retain, forget, objective, batch_size, seed)
     with restore_on_failure(model):
@@ -250,4 +258,5 @@ def masked_finetune(
             seed=seed,
             head_names=head_names,
             show=progress,
+            precision=prec,
         )

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import _checks as checks
+from ..._precision import Precision, graded_forward, resolve
 from ..._utils import batch_input, batch_labels, check_logits, model_device, module_mode, seeded_batches
 from ..._utils import progress as _progress
 from .mask import Mask
@@ -30,9 +31,17 @@ def _score_dtype(params) -> torch.dtype:
 
 
 def _element_scores(
-    model: nn.Module, params: list[nn.Parameter], forget, criterion: str, seed: int, batch_size, show: bool
+    model: nn.Module,
+    params: list[nn.Parameter],
+    forget,
+    criterion: str,
+    seed: int,
+    batch_size,
+    show: bool,
+    precision: Precision | None = None,
 ) -> list[torch.Tensor]:
-    """Per-element scores, one tensor per parameter (docs/METHODS.md §3 step 1, or the saliency / random controls)."""
+    """Per-element scores, one tensor per parameter (docs/METHODS.md §3 step 1, or the saliency /
+    random controls); the forward and backward run as `precision` says."""
     dtype = _score_dtype(params)
     if criterion == "random":
         g = torch.Generator().manual_seed(seed)
@@ -45,7 +54,7 @@ def _element_scores(
         for batch in _progress(batches, enabled=show, desc="DEL localize"):
             x = batch_input(batch, name="forget").to(device)
             y = batch_labels(batch, name="forget").to(device)
-            loss = F.cross_entropy(check_logits(model(x), x.shape[0]), y)
+            loss = F.cross_entropy(check_logits(graded_forward(model, x, precision), x.shape[0]), y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for a, g in zip(acc, grads):
                 if g is not None:
@@ -132,6 +141,7 @@ def localize(
     seed: int = 0,
     batch_size: int | None = None,
     progress: bool = True,
+    precision: str = "float32",
 ) -> Mask:
     """Select the ⌊budget·P⌋ parameter entries most critical to the forget set (docs/METHODS.md §3).
 
@@ -149,6 +159,10 @@ def localize(
         top_fraction: in (0, 1], or None for the plain row mean (transformer-class models).
         seed: seeds the random criterion.
         batch_size: batch size for tensor / Dataset input (a DataLoader is used as is).
+        precision: what the scoring pass runs in: "float32" (the model's dtype; the default),
+            "bfloat16" (forward and backward under autocast, channels_last inputs for conv nets;
+            gradients and scores stay float32), "float16" (CUDA only; changes nothing here) or
+            "auto" (bfloat16 where the hardware runs it fast).
     Returns:
         Mask with a torch.bool tensor per scored parameter, on the parameter's device.
     """
@@ -158,8 +172,9 @@ def localize(
     if top_fraction is not None:
         top_fraction = checks.real(top_fraction, "top_fraction", low=0.0, high=1.0, low_open=True)
     checks.integer(seed, "seed", low=0)
+    prec = resolve(precision, model)
     named = _scored_parameters(model)
-    scores = _element_scores(model, [p for _, p in named], forget, criterion, seed, batch_size, progress)
+    scores = _element_scores(model, [p for _, p in named], forget, criterion, seed, batch_size, progress, prec)
     return mask_from_scores([n for n, _ in named], scores, granularity, budget, top_fraction)
 
 

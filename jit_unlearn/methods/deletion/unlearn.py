@@ -12,6 +12,7 @@ from torch import nn
 
 from ... import _checks as checks
 from ... import ops
+from ..._precision import resolve
 from ..._utils import check_labelled, model_device, params_finite, restore_on_failure, seeded_batches
 from .finetune import check_finetune_args, finetune_batches, head_parameter_names, run_finetune
 from .localize import CRITERIA, GRANULARITIES, localize
@@ -37,6 +38,7 @@ class DELReport:
     seconds_localize: float
     seconds_reset: float
     seconds_finetune: float
+    precision: str = "float32"  # what the model's passes ran in ("auto" resolved)
     seconds: float = field(init=False)
 
     def __post_init__(self):
@@ -117,6 +119,7 @@ def del_unlearn(
     top_fraction: float | None = 0.1,
     seed: int = 0,
     progress: bool = True,
+    precision: str = "float32",
 ) -> DELReport:
     """DEL: localize (docs/METHODS.md §3 steps 1-3), reset the selected entries to `init`, fine-tune them on retain.
 
@@ -131,6 +134,10 @@ def del_unlearn(
         lr, epochs, momentum, weight_decay: masked SGD fine-tuning, see `masked_finetune`.
         head_trainable: train the classifier head fully: the module named `head`, by default the last
             nn.Linear of the model.
+        precision: what the scoring and fine-tuning passes run in: "float32" (the model's dtype;
+            the default), "bfloat16" (under autocast; gradients and updates stay float32),
+            "float16" (CUDA only; changes nothing here: both passes backpropagate) or "auto"
+            (bfloat16 where the hardware runs it fast).
     Returns:
         DELReport with the mask, its statistics, epochs, steps and seconds per phase.
     On failure (including KeyboardInterrupt) the model is restored bitwise.
@@ -143,6 +150,7 @@ def del_unlearn(
     check_finetune_args(lr, epochs, momentum, weight_decay, 0.0, seed, "finetune")
     checks.integer(batch_size, "batch_size", low=1)
     checks.boolean(head_trainable, "head_trainable")
+    prec = resolve(precision, model)
     state = _init_state(init, model, seed)
     head_name = (head if head is not None else _last_linear(model)) if head_trainable else None
     head_names = head_parameter_names(model, head_name)
@@ -163,6 +171,7 @@ def del_unlearn(
             top_fraction=top_fraction,
             seed=seed,
             progress=progress,
+            precision=prec.name,
         )
         checks.sync(device)
         t1 = time.perf_counter()
@@ -190,6 +199,7 @@ def del_unlearn(
             seed=seed,
             head_names=head_names,
             show=progress,
+            precision=prec,
         )
     return DELReport(
         mask=mask,
@@ -204,4 +214,5 @@ def del_unlearn(
         seconds_localize=t1 - t0,
         seconds_reset=t2 - t1,
         seconds_finetune=fine.seconds,
+        precision=prec.name,
     )

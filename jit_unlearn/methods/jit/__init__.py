@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from ... import _checks as checks
-from ... import distributed
+from ... import _precision, distributed
 from ..._utils import ModelState, as_batches, batch_input, restore_on_failure, split_rows
 from ..._utils import progress as _progress
 from .default import DEFAULT_MAX_BATCH_ELEMS, DefaultSettings, default_max_batch_elems, run_default
@@ -30,7 +30,7 @@ _REDUCTIONS = ("sum", "mean")
 class JiTReport:
     """What a `jit` call did: optimizer steps (one per forget batch), forget samples seen, wall
     seconds, the mean of the per-step losses, the op tier that ran ("cuda", "cpu" or "torch"),
-    and the mode."""
+    the mode, and the precision the model's passes ran in ("auto" resolved)."""
 
     steps: int
     samples: int
@@ -38,6 +38,7 @@ class JiTReport:
     mean_loss: float
     backend: str
     mode: str
+    precision: str = "float32"
 
 
 def jit(
@@ -53,6 +54,8 @@ def jit(
     reduction: str = "sum",
     optimizer: torch.optim.Optimizer | None = None,
     max_batch_elems: int | None = None,
+    precision: str = "float32",
+    compile: bool = False,
     progress: bool = True,
 ) -> JiTReport:
     """Unlearn `forget` from a classifier in place by making it locally Lipschitz around each sample
@@ -86,6 +89,14 @@ def jit(
         max_batch_elems: default mode only: input elements per no-grad forward of the N*B
             perturbed samples; more are split into equal chunks.  Default: `default_max_batch_elems`
             of the model's device (2^17 on CPU, 2^22 on GPUs).
+        precision: default mode only: "float32" (the model's own dtype; the default), "bfloat16",
+            "float16" (CUDA only) or "auto" (bfloat16 where the hardware runs it fast, else
+            float32).  A reduced precision runs the N*B perturbed forward on a private copy of the
+            model in that dtype (channels_last for conv nets) and, for bfloat16, the clean forward
+            and backward under autocast; the loss, its gradient and the SGD step stay float32 on the
+            float32 weights (docs/METHODS.md §7).  Reduced precisions need a float32 model.
+        compile: default mode only: run the perturbed forward on a `torch.compile`d private copy
+            of the model (compiling takes tens of seconds; docs/TUNING.md says when it pays off).
         progress: show a tqdm bar over the forget batches.
 
     Modes:
@@ -111,11 +122,15 @@ def jit(
     default mode's plain SGD checks the parameters once after the last step (an inf or NaN that
     reaches a parameter stays there), so its steps run without a host sync.
 
+    The caller's model keeps its dtype and memory layout whatever `precision` and `compile` say.
+
     Returns:
-        JiTReport(steps, samples, seconds, mean_loss, backend, mode).
+        JiTReport(steps, samples, seconds, mean_loss, backend, mode, precision).
     """
     start = time.perf_counter()
     _check_args(model, sigma, lr, num_samples, mode, seed, reduction, optimizer, max_batch_elems, progress)
+    checks.boolean(compile, "compile")
+    prec = _resolve_precision(model, precision, compile, mode)
     state = ModelState(model)
     params = [p for p in state.params if p.requires_grad]
     if not params:
@@ -162,6 +177,8 @@ def jit(
                 reduction=reduction,
                 max_batch_elems=default_max_batch_elems(device) if max_batch_elems is None else max_batch_elems,
                 optimizer=optimizer,
+                precision=prec,
+                compile=compile,
             )
             steps, samples, loss_sum, backend = run_default(
                 model, xs, state=state, params=params, settings=settings, split=split
@@ -173,7 +190,24 @@ def jit(
         mean_loss=float(loss_sum) / steps,
         backend=backend,
         mode=mode,
+        precision=prec.name,
     )
+
+
+def _resolve_precision(model, precision, compile, mode) -> _precision.Precision:
+    """The default mode's precision; the reference mode runs the published code as it is (float32,
+    eager), so it takes only "float32" or "auto" (which then means float32) and compile=False."""
+    if mode == "reference":
+        checks.choice(precision, "precision", checks.PRECISIONS)
+        if precision not in ("float32", "auto"):
+            raise ValueError(
+                f"precision: mode='reference' runs the published code in the model's dtype; got {precision!r}, "
+                "pass 'float32' (or use mode='default')"
+            )
+        if compile:
+            raise ValueError("compile: mode='reference' runs the published code eagerly; pass compile=False")
+        return _precision.resolve("float32", model)
+    return _precision.resolve(precision, model)
 
 
 def _batch_x(batch, device, dtype) -> torch.Tensor:

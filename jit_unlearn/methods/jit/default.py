@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ... import _backend
+from ..._precision import ForwardCopy, Precision, graded_forward
 from ..._utils import ModelState, check_logits, module_mode
 from ...distributed import BatchSplit
 from ...torch_ops import opmath_dtype
@@ -31,7 +32,8 @@ class DefaultSettings:
     """The arguments of one default-mode run, checked by `jit`.
 
     optimizer: stepped instead of plain SGD with `lr` when given.  max_batch_elems: input elements
-    per no-grad forward of the perturbed samples."""
+    per no-grad forward of the perturbed samples.  precision: what the model's passes run in (None:
+    the model's dtype).  compile: compile the perturbed-pass copy of the model."""
 
     sigma: float
     lr: float
@@ -40,6 +42,8 @@ class DefaultSettings:
     reduction: str
     max_batch_elems: int
     optimizer: torch.optim.Optimizer | None = None
+    precision: Precision | None = None
+    compile: bool = False
 
 
 class StepKernels:
@@ -103,7 +107,7 @@ class StepKernels:
         return all_finite(tensors, found=self._found, one=self._one)
 
 
-def chunked_forward(model: nn.Module, x: torch.Tensor, budget: int) -> torch.Tensor:
+def chunked_forward(model: nn.Module | ForwardCopy, x: torch.Tensor, budget: int) -> torch.Tensor:
     """model(x) for x [R, ...] in equal chunks of at most `budget` input elements (at least one row)."""
     rows = max(1, budget // max(1, math.prod(x.shape[1:])))
     if x.shape[0] <= rows:
@@ -137,15 +141,22 @@ def run_default(
     Everything that needs no graph (noise, perturbed forwards, the loss and its gradient w.r.t. the
     clean outputs) runs in inference mode on kernels chosen once per run, so a step costs few
     dispatcher calls besides the model's own.  `split` spreads each batch's rows over the ranks
-    under torch.distributed (the identity otherwise)."""
+    under torch.distributed (the identity otherwise).
+
+    With a reduced `settings.precision` the perturbed forward runs on a private copy of the model in
+    that dtype, refreshed from the model before every step, and (bfloat16) the clean forward and
+    backward under autocast; both sets of logits reach the loss in the model's dtype."""
     s = settings
     n = s.num_samples
+    prec = s.precision
     kernels = StepKernels(state.device())
     optimizer = s.optimizer
     updated = params if optimizer is None else [p for g in optimizer.param_groups for p in g["params"]]
     steps = samples = 0
     ratio_sums, loss_scales = [], []
     with module_mode(model, False, state.modules):
+        copied = prec is not None and (prec.reduced or s.compile)
+        forward = ForwardCopy(model, prec, compile=s.compile) if copied else model  # made in eval mode
         for x in xs:
             b = x.shape[0]
             for p in params:
@@ -156,9 +167,11 @@ def run_default(
             rows, global_rows = x.shape[0], split.global_rows(b)
             mean_rows = global_rows if s.reduction == "mean" else None  # loss = sum(ratios) / N (/ B)
             if rows:
+                if forward is not model and steps:
+                    forward.sync()  # the copy sees the weights of the previous step
                 with torch.inference_mode():
-                    out2 = chunked_forward(model, x_tilde.reshape(n * rows, *x.shape[1:]), s.max_batch_elems)
-                out = check_logits(model(x), rows)
+                    out2 = chunked_forward(forward, x_tilde.reshape(n * rows, *x.shape[1:]), s.max_batch_elems)
+                out = check_logits(graded_forward(model, x, prec), rows)
                 with torch.inference_mode():
                     clean = out.detach()
                     seed_grad = kernels.loss_seed(in_norm, n, mean_rows)

@@ -1,0 +1,267 @@
+"""How the model's own passes run: in reduced precision, in channels_last, compiled (docs/METHODS.md §7).
+
+Every method takes `precision` ("float32", "bfloat16", "float16" or "auto") and resolves it once with
+`resolve`.  Graded passes (forward + backward) run on the caller's model under autocast, so gradients
+arrive in float32 on the float32 master weights; no-grad passes run on a `ForwardCopy`, a private
+copy of the model in the reduced dtype.  Neither changes the caller's model: its parameters keep
+their dtype and layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import _checks as checks
+from ._utils import ModelState, model_device
+
+__all__ = [
+    "PRECISIONS",
+    "Precision",
+    "ForwardCopy",
+    "graded_forward",
+    "resolve",
+    "fast_bf16",
+    "fast_bf16_features",
+    "describe",
+]
+
+PRECISIONS = checks.PRECISIONS
+_REDUCED = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@functools.cache
+def _cpu_bf16_features() -> tuple[str, ...]:
+    if not torch.backends.mkldnn.is_available():  # oneDNN runs the bf16 convolutions and matmuls
+        return ()
+    flags: set[str] = set()
+    get = getattr(torch.cpu, "get_capabilities", None)
+    try:
+        caps = get() if get is not None else None
+    except Exception:  # an older torch, or a platform it cannot probe
+        caps = None
+    if isinstance(caps, dict):
+        flags = {k for k in ("amx_bf16", "avx512_bf16") if caps.get(k)}
+    else:
+        try:
+            with open("/proc/cpuinfo") as fh:
+                for line in fh:
+                    if line.startswith("flags"):
+                        flags = {k for k in ("amx_bf16", "avx512_bf16") if k in line.split()}
+                        break
+        except OSError:
+            pass
+    names = {"amx_bf16": "AMX-BF16", "avx512_bf16": "AVX512-BF16"}
+    return tuple(names[k] for k in ("amx_bf16", "avx512_bf16") if k in flags)
+
+
+def fast_bf16_features(device: torch.device | str = "cpu") -> tuple[str, ...]:
+    """The hardware features that make bfloat16 fast on `device`: ("AMX-BF16", "AVX512-BF16") or a
+    subset on CPU, ("CUDA capability X.Y",) on a CUDA device of capability >= 8.0; empty otherwise."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return _cpu_bf16_features()
+    if dev.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(dev)
+        return (f"CUDA capability {major}.{minor}",) if major >= 8 else ()
+    return ()
+
+
+def fast_bf16(device: torch.device | str = "cpu") -> bool:
+    """True when `device` runs bfloat16 fast: a CPU with AMX-BF16 or AVX512-BF16 (and oneDNN), or a
+    CUDA device of capability >= 8.0.  precision="auto" picks bfloat16 exactly there."""
+    return bool(fast_bf16_features(device))
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved `precision`: what each kind of model pass runs in.
+
+    requested: the argument ("auto" included).  name: "float32" (the model's own dtype: nothing
+    changes), "bfloat16" or "float16".  channels_last: reduced passes feed 4-D inputs (and the
+    private copy's 4-D weights) in channels_last; set for models with a Conv2d.
+    Graded passes run reduced only for bfloat16: float16 backward passes would need loss scaling
+    (small gradients and importances flush to zero), so under float16 only no-grad passes are
+    reduced."""
+
+    requested: str
+    name: str
+    device_type: str
+    channels_last: bool = False
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The reduced dtype of the no-grad passes, or None (the model's dtype)."""
+        return _REDUCED.get(self.name)
+
+    @property
+    def reduced(self) -> bool:
+        """Whether any pass runs in reduced precision."""
+        return self.name != "float32"
+
+    @property
+    def graded(self) -> bool:
+        """Whether the graded (forward + backward) passes run under autocast."""
+        return self.name == "bfloat16"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context of a graded forward: bfloat16 autocast, or nothing."""
+        if not self.graded:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=torch.bfloat16)
+
+    def graded_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the graded pass feeds it to the model: channels_last for a 4-D input of a conv net
+        under reduced precision, else x itself."""
+        if self.graded and self.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        """A graded pass's logits in float32 (losses, norms and ratios are computed in float32)."""
+        if self.graded and isinstance(out, torch.Tensor) and out.is_floating_point() and out.dtype != torch.float32:
+            return out.float()
+        return out
+
+
+def graded_forward(model: nn.Module, x: torch.Tensor, precision: Precision | None):
+    """model(x) for a pass that backpropagates: under bfloat16 autocast with a channels_last input
+    (conv nets) and float32 logits when `precision` says so, else exactly model(x)."""
+    if precision is None or not precision.graded:
+        return model(x)
+    with precision.autocast():
+        out = model(precision.graded_input(x))
+    return precision.logits(out)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def resolve(precision: str, model: nn.Module, *, name: str = "precision") -> Precision:
+    """Check `precision` for `model` and resolve "auto".
+
+    "auto" is "bfloat16" for a float32 model on a device where `fast_bf16` holds, else "float32".
+    An explicit "bfloat16" or "float16" needs a float32 model.
+    Raises:
+        ValueError: not one of PRECISIONS, "float16" off CUDA, or a reduced precision for a model
+        that is not float32 (all naming `name`).
+    """
+    device = model_device(model)
+    checks.precision(precision, device, name)
+    dtype = _model_dtype(model)
+    chosen = precision
+    if precision == "auto":
+        chosen = "bfloat16" if dtype == torch.float32 and fast_bf16(device) else "float32"
+    elif precision != "float32" and dtype != torch.float32:
+        raise ValueError(
+            f"{name}: {precision!r} runs the passes of a float32 model in reduced precision; "
+            f"this model is {dtype} (use 'float32')"
+        )
+    conv = chosen != "float32" and any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return Precision(precision, chosen, device.type, conv)
+
+
+def describe(precision: str, device: torch.device | str) -> str:
+    """One line saying what `precision` means on `device`, e.g. "bfloat16 (auto: AMX-BF16, AVX512-BF16)"."""
+    dev = torch.device(device)
+    if precision != "auto":
+        return precision
+    features = fast_bf16_features(dev)
+    if features:
+        return f"bfloat16 (auto: {', '.join(features)})"
+    return f"float32 (auto: no fast bfloat16 on {dev.type})"
+
+
+class ForwardCopy:
+    """The model of a method's no-grad passes.
+
+    With precision float32 and compile=False this is the model itself.  Otherwise it is a private
+    copy (made once per call: `copy.deepcopy`) in the reduced dtype, in channels_last for conv nets,
+    compiled with `torch.compile` when asked; `sync()` copies the model's current parameters and
+    buffers into it (one fused copy), so steps that change the model are seen by the next pass.
+    Calling it returns the logits in the model's dtype.  A model that cannot be deep-copied runs its
+    no-grad passes itself, under autocast."""
+
+    def __init__(self, model: nn.Module, precision: Precision, compile: bool = False):
+        self.model = model
+        self.precision = precision
+        self.out_dtype = _model_dtype(model)
+        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._autocast = False
+        self._input_dtype = None
+        self._channels_last = precision.reduced and precision.channels_last
+        module = model
+        if precision.reduced or compile:
+            try:
+                module = self._private_copy(model, precision)
+            except Exception:  # e.g. a module holding a lock or a file: run on the model itself
+                module, self._autocast = model, precision.reduced
+        self._eager = module
+        self.module = torch.compile(module) if compile else module
+        self._compiled = compile
+
+    def _private_copy(self, model: nn.Module, precision: Precision) -> nn.Module:
+        state = ModelState(model)
+        private = copy.deepcopy(model)
+        for p in private.parameters():
+            p.grad = None
+            p.requires_grad_(False)
+        if precision.dtype is not None:
+            private.to(precision.dtype)
+        if self._channels_last:
+            private.to(memory_format=torch.channels_last)
+        mine = ModelState(private)
+        src = list(state.params) + list(state.buffers)
+        dst = list(mine.params) + list(mine.buffers)
+        if len(src) != len(dst) or any(s.shape != d.shape for s, d in zip(src, dst)):
+            raise RuntimeError("the copy's parameters do not pair with the model's")
+        self._pairs = (dst, src)
+        self._input_dtype = precision.dtype
+        return private
+
+    @property
+    def is_copy(self) -> bool:
+        """Whether the passes run on a private copy (which `sync` must refresh)."""
+        return self._pairs is not None
+
+    def sync(self) -> None:
+        """Copy the model's current parameters and buffers into the private copy (a no-op without one)."""
+        if self._pairs is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(*self._pairs)
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        target = {}
+        if self._input_dtype is not None and x.is_floating_point():
+            target["dtype"] = self._input_dtype
+        if self._channels_last and x.dim() == 4:
+            target["memory_format"] = torch.channels_last
+        return x.to(**target) if target else x
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._input(x)
+        context = (
+            torch.autocast(self.precision.device_type, dtype=self.precision.dtype)
+            if self._autocast
+            else contextlib.nullcontext()
+        )
+        with context:
+            if self._compiled:
+                try:
+                    out = self.module(x)
+                except Exception as exc:  # no compiler, an unsupported op, ...: the eager copy runs
+                    warnings.warn(f"compile=True: torch.compile failed ({exc}); running eagerly", stacklevel=3)
+                    self.module, self._compiled = self._eager, False
+                    out = self.module(x)
+            else:
+                out = self.module(x)
+        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dtype != self.out_dtype:
+            out = out.to(self.out_dtype)
+        return out
