@@ -85,7 +85,10 @@ class Precision:
 
     requested: the argument ("auto" included).  name: "float32" (the model's own dtype: nothing
     changes), "bfloat16" or "float16".  channels_last: reduced passes feed 4-D inputs (and the
-    private copy's 4-D weights) in channels_last; set for models with a Conv2d.
+    private copy's 4-D weights) in channels_last; set for models with a Conv2d.  head: the name of
+    the module kept in float32 in reduced passes, the model's last nn.Linear (the classifier head:
+    rounding the logits themselves to bfloat16 would cost ~0.4 % of their magnitude, which
+    softmax and the output distances magnify).
     Graded passes run reduced only for bfloat16: float16 backward passes would need loss scaling
     (small gradients and importances flush to zero), so under float16 only no-grad passes are
     reduced."""
@@ -94,6 +97,7 @@ class Precision:
     name: str
     device_type: str
     channels_last: bool = False
+    head: str | None = None
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -132,12 +136,42 @@ class Precision:
 
 def graded_forward(model: nn.Module, x: torch.Tensor, precision: Precision | None):
     """model(x) for a pass that backpropagates: under bfloat16 autocast with a channels_last input
-    (conv nets) and float32 logits when `precision` says so, else exactly model(x)."""
+    (conv nets), the head in float32, and float32 logits when `precision` says so; else exactly
+    model(x)."""
     if precision is None or not precision.graded:
         return model(x)
-    with precision.autocast():
-        out = model(precision.graded_input(x))
+    hooks = _float32_head(model.get_submodule(precision.head), autocast=precision.device_type) if precision.head else []
+    try:
+        with precision.autocast():
+            out = model(precision.graded_input(x))
+    finally:
+        for h in hooks:
+            h.remove()
     return precision.logits(out)
+
+
+def _float32_head(head: nn.Module, autocast: str | None = None) -> list:
+    """Hooks that run `head` in float32: its floating inputs are cast up, and (under autocast on
+    device type `autocast`) autocast is off while it runs.  Returns the hook handles."""
+
+    def pre(module, args):
+        if autocast is not None:
+            torch.set_autocast_enabled(autocast, False)
+        return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+    handles = [head.register_forward_pre_hook(pre)]
+    if autocast is not None:  # (the autocast context restores its own state on exit if the head raises)
+        handles.append(head.register_forward_hook(lambda module, args, out: torch.set_autocast_enabled(autocast, True)))
+    return handles
+
+
+def head_name(model: nn.Module) -> str | None:
+    """The name of the model's last nn.Linear (in `named_modules` order), or None."""
+    name = None
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            name = n
+    return name
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -164,8 +198,10 @@ def resolve(precision: str, model: nn.Module, *, name: str = "precision") -> Pre
             f"{name}: {precision!r} runs the passes of a float32 model in reduced precision; "
             f"this model is {dtype} (use 'float32')"
         )
-    conv = chosen != "float32" and any(isinstance(m, nn.Conv2d) for m in model.modules())
-    return Precision(precision, chosen, device.type, conv)
+    if chosen == "float32":
+        return Precision(precision, chosen, device.type)
+    conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return Precision(precision, chosen, device.type, conv, head_name(model))
 
 
 def describe(precision: str, device: torch.device | str) -> str:
@@ -215,6 +251,10 @@ class ForwardCopy:
             p.requires_grad_(False)
         if precision.dtype is not None:
             private.to(precision.dtype)
+            if precision.head:  # the classifier head stays float32 (see Precision)
+                head = private.get_submodule(precision.head)
+                head.float()
+                _float32_head(head)
         if self._channels_last:
             private.to(memory_format=torch.channels_last)
         mine = ModelState(private)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
+from .._checks import PRECISIONS
 from .config import DEFAULT_TEST_FRACTION, Experiment, UserError, parse_config, read_config
 from .experiment import run_experiment
 
@@ -105,9 +106,10 @@ def register(command: Command) -> Command:
 
 
 def demo_experiment(
-    *, device=None, seed=None, out=None, quiet=False, fast=False, forget_class=DEMO_FORGET_CLASS
+    *, device=None, seed=None, out=None, quiet=False, fast=False, forget_class=DEMO_FORGET_CLASS, precision=None
 ) -> Experiment:
-    """The demo's Experiment: bundled MNIST, `forget_class` forgotten by every method."""
+    """The demo's Experiment: bundled MNIST, `forget_class` forgotten by every method (in `precision`
+    when given; the demo command passes "auto")."""
     methods = []
     for entry in DEMO_METHODS:
         entry = dict(entry)
@@ -121,7 +123,7 @@ def demo_experiment(
         "scenario": {"kind": "full_class", "class": forget_class},
         "methods": methods,
     }
-    return parse_config(cfg, device=device, seed=seed, out=out or "jit_unlearn_demo", quiet=quiet)
+    return parse_config(cfg, device=device, seed=seed, out=out or "jit_unlearn_demo", quiet=quiet, precision=precision)
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +144,7 @@ def _demo(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         fast=args.fast,
         forget_class=args.forget_class,
+        precision=args.precision or "auto",
     )
     ds: Dataset = data_mod.mnist()
     if args.fast:
@@ -157,7 +160,9 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = read_config(args.config)
-    exp = parse_config(cfg, device=args.device, seed=args.seed, out=args.out, quiet=args.quiet)
+    exp = parse_config(
+        cfg, device=args.device, seed=args.seed, out=args.out, quiet=args.quiet, precision=args.precision
+    )
     run_experiment(exp, title=os.path.splitext(os.path.basename(args.config))[0])
     return 0
 
@@ -190,6 +195,13 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--seed", type=int, default=None, help="seed for splits, training and methods (default 0)")
     common.add_argument("--out", default=None, help="output folder for results.json, results.png, original.pt")
     common.add_argument("--quiet", action="store_true", help="no progress bars or step messages; only the table")
+    common.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="what the methods' model passes run in, for every method that does not set its own "
+        "(default: each method's own, float32; the demo: auto = bfloat16 where the hardware runs it fast)",
+    )
     parser = argparse.ArgumentParser(prog="jit-unlearn", description="Machine unlearning: demo and experiments.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for command in COMMANDS.values():

@@ -298,6 +298,7 @@ class Experiment:
     seed: int
     out: str
     quiet: bool
+    precision: str | None = None  # --precision: for every method that does not set its own
 
 
 def method_function(name: str, where: str) -> Callable:
@@ -366,9 +367,10 @@ def _section(cfg: Mapping, key: str, build: Callable[[dict], object], *, require
         raise _section_error(key, exc) from None
 
 
-def parse_config(cfg: Mapping, *, device=None, seed=None, out=None, quiet=False) -> Experiment:
+def parse_config(cfg: Mapping, *, device=None, seed=None, out=None, quiet=False, precision=None) -> Experiment:
     """Validate a config dict (from TOML or JSON) into an Experiment; command-line values override
-    the config's `device`, `seed` and `out`.  Raises UserError naming the offending key."""
+    the config's `device`, `seed` and `out`; `precision` (--precision) is passed to every method
+    that does not set its own.  Raises UserError naming the offending key."""
     try:
         _unknown_keys(cfg, ("dataset", "model", "train", "scenario", "methods", "retrain", "device", "seed", "out"))
     except ValueError as exc:
@@ -387,4 +389,9 @@ def parse_config(cfg: Mapping, *, device=None, seed=None, out=None, quiet=False)
         dev = checks.device(dev)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    return Experiment(dataset, model, recipe, scenario, methods, do_retrain, dev, seed, out, quiet)
+    if precision is not None:
+        try:
+            checks.precision(precision, dev, "--precision")
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    return Experiment(dataset, model, recipe, scenario, methods, do_retrain, dev, seed, out, quiet, precision)

@@ -156,6 +156,8 @@ def _run_method(spec: MethodSpec, model: nn.Module, splits, factory, exp: Experi
         kwargs.setdefault("seed", exp.seed)
     if accepts(fn, "progress"):
         kwargs["progress"] = not exp.quiet
+    if exp.precision is not None and accepts(fn, "precision"):
+        kwargs.setdefault("precision", exp.precision)
     if spec.name == "jit":
         args = (forget_on_device,)
     elif spec.name == "del":
@@ -208,6 +210,10 @@ def run_experiment(exp: Experiment, *, train_ds=None, test_ds=None, coarse_of=No
         f"{title}: {exp.dataset.name}, {summary['retain']} retain / {summary['forget']} forget / "
         f"{summary['test']} test samples, {exp.scenario.kind} scenario, device {exp.device}",
     )
+    if exp.precision is not None:
+        from .._precision import describe
+
+        _say(exp, f"precision: {describe(exp.precision, exp.device)}")
     if exp.model.checkpoint:
         announce(f"loading the original {exp.model.name} from {exp.model.checkpoint}")
         _load_checkpoint(original, exp.model.checkpoint)
@@ -253,6 +259,7 @@ def run_experiment(exp: Experiment, *, train_ds=None, test_ds=None, coarse_of=No
         "scenario": {**exp.scenario, **summary},
         "device": str(exp.device),
         "seed": exp.seed,
+        "precision": exp.precision,
         "environment": _environment(),
         "rows": rows,
     }

@@ -173,7 +173,8 @@ _ELEMENTWISE = (
 
 def _linear_stack(model: nn.Module, linears: dict[str, nn.Linear]) -> list[tuple[str, nn.Module]] | None:
     """(name, leaf) in execution order when `model` is nn.Sequential containers (with Sequential's
-    own forward) of Linear layers, Flatten(start_dim >= 1) and parameter-free element-wise leaves,
+    own forward) of Linear layers (factorable or frozen), Flatten(start_dim >= 1) and parameter-free
+    element-wise leaves,
     every module used once, no hooks, and every trainable parameter the weight or bias of a
     factorable Linear; else None.  Such a model maps each sample on its own, so the gradient of
     the summed per-sample losses w.r.t. a Linear's output is, row by row, the per-sample one."""
@@ -190,8 +191,9 @@ def _linear_stack(model: nn.Module, linears: dict[str, nn.Linear]) -> list[tuple
             return False
         if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
             return all(walk(f"{prefix}.{n}" if prefix else n, c) for n, c in m.named_children())
+        frozen = not any(p.requires_grad for p in m.parameters())
         ok = (
-            (type(m) is nn.Linear and prefix in linears)
+            (type(m) is nn.Linear and (prefix in linears or frozen))
             or (type(m) is nn.Flatten and m.start_dim >= 1)
             or (type(m) in _ELEMENTWISE and not list(m.parameters()))
         )
@@ -199,7 +201,7 @@ def _linear_stack(model: nn.Module, linears: dict[str, nn.Linear]) -> list[tuple
             leaves.append((prefix, m))
         return ok
 
-    if not walk("", model) or not any(type(m) is nn.Linear for _, m in leaves):
+    if not walk("", model) or not any(n in linears for n, _ in leaves):
         return None
     return leaves
 
@@ -222,14 +224,15 @@ class _StackPlan:
         self.leaves = [(n, _out_of_place(m)) for n, m in leaves]
         self.kind = kind
         self.precision = precision
-        per_sample = sum(m.in_features + m.out_features for _, m in leaves if type(m) is nn.Linear)
+        self.factored = {n for n, m in leaves if type(m) is nn.Linear and any(p.requires_grad for p in m.parameters())}
+        per_sample = sum(m.in_features + m.out_features for n, m in leaves if n in self.factored)
         self.chunk = max(1, max_elems // max(1, per_sample))
 
     def __call__(self, x, y):
         h, inputs, outputs = x, {}, {}
         with torch.enable_grad(), self.precision.autocast() if self.precision else contextlib.nullcontext():
             for name, m in self.leaves:
-                if type(m) is nn.Linear:
+                if name in self.factored:
                     if h.dim() != 2:  # more than one row per sample: not one outer product
                         raise _Unfactorable(name)
                     inputs[name] = h.detach()
