@@ -4,8 +4,8 @@
     python benchmarks/ratios.py bench.json
 
 For each group, every entry's min and median time are divided by those of the group's fastest entry.
-Paired benchmarks (a baseline timed inside the same rounds, see bench_jit.py) also print the ratios
-they recorded in extra_info.
+Paired benchmarks (a baseline timed inside the same rounds, see bench_jit.py and bench_precision.py)
+also print the ratios they recorded in extra_info, and throughput benchmarks their samples per second.
 """
 
 import json
@@ -38,6 +38,20 @@ def main(path: str) -> None:
                     f"median {extra['floor_median'] * 1e3:.3f} ms; ratio of mins {extra['ratio_of_mins']:.3f}, "
                     f"of medians {extra['ratio_of_medians']:.3f}, median per-round ratio "
                     f"{extra['median_paired_ratio']:.3f}"
+                )
+            if "median_paired_speedup" in extra:  # a baseline timed inside the rounds (bench_precision.py)
+                label = f"  paired with the {extra['baseline']}:"
+                print(
+                    f"{label:58s} baseline min {extra['baseline_min'] * 1e3:.3f} ms, "
+                    f"median {extra['baseline_median'] * 1e3:.3f} ms; speedup of mins "
+                    f"{extra['speedup_of_mins']:.3f}, of medians {extra['speedup_of_medians']:.3f}, "
+                    f"median per-round speedup {extra['median_paired_speedup']:.3f}"
+                )
+            if "samples_per_s_best" in extra:
+                label = "  throughput:"
+                print(
+                    f"{label:58s} {extra['samples_per_s_best']:.1f} samples/s (best round), "
+                    f"{extra['samples_per_s_median']:.1f} (median)"
                 )
 
 

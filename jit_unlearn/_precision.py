@@ -1,30 +1,27 @@
 """How the model's own passes run: in reduced precision, in channels_last, compiled (docs/METHODS.md §7).
 
 Every method takes `precision` ("float32", "bfloat16", "float16" or "auto") and resolves it once with
-`resolve`.  Graded passes (forward + backward) run on the caller's model under autocast, so gradients
-arrive in float32 on the float32 master weights; no-grad passes run on a `ForwardCopy`, a private
-copy of the model in the reduced dtype.  Neither changes the caller's model: its parameters keep
-their dtype and layout.
+`resolve`.  Graded passes (forward + backward) run on the caller's model under autocast
+(`graded_forward`), so gradients arrive in float32 on the float32 master weights; no-grad passes
+run on a `_forward_copy.ForwardCopy`, a private copy of the model in the reduced dtype.  Neither
+changes the caller's model: its parameters keep their dtype and layout.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import _checks as checks
-from ._utils import ModelState, model_device
+from ._utils import model_device
 
 __all__ = [
     "PRECISIONS",
     "Precision",
-    "ForwardCopy",
     "graded_forward",
     "resolve",
     "fast_bf16",
@@ -140,7 +137,7 @@ def graded_forward(model: nn.Module, x: torch.Tensor, precision: Precision | Non
     model(x)."""
     if precision is None or not precision.graded:
         return model(x)
-    hooks = _float32_head(model.get_submodule(precision.head), autocast=precision.device_type) if precision.head else []
+    hooks = float32_head(model.get_submodule(precision.head), autocast=precision.device_type) if precision.head else []
     try:
         with precision.autocast():
             out = model(precision.graded_input(x))
@@ -150,7 +147,7 @@ def graded_forward(model: nn.Module, x: torch.Tensor, precision: Precision | Non
     return precision.logits(out)
 
 
-def _float32_head(head: nn.Module, autocast: str | None = None) -> list:
+def float32_head(head: nn.Module, autocast: str | None = None) -> list:
     """Hooks that run `head` in float32: its floating inputs are cast up, and (under autocast on
     device type `autocast`) autocast is off while it runs.  Returns the hook handles."""
 
@@ -174,7 +171,7 @@ def head_name(model: nn.Module) -> str | None:
     return name
 
 
-def _model_dtype(model: nn.Module) -> torch.dtype:
+def model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
@@ -189,7 +186,7 @@ def resolve(precision: str, model: nn.Module, *, name: str = "precision") -> Pre
     """
     device = model_device(model)
     checks.precision(precision, device, name)
-    dtype = _model_dtype(model)
+    dtype = model_dtype(model)
     chosen = precision
     if precision == "auto":
         chosen = "bfloat16" if dtype == torch.float32 and fast_bf16(device) else "float32"
@@ -213,95 +210,3 @@ def describe(precision: str, device: torch.device | str) -> str:
     if features:
         return f"bfloat16 (auto: {', '.join(features)})"
     return f"float32 (auto: no fast bfloat16 on {dev.type})"
-
-
-class ForwardCopy:
-    """The model of a method's no-grad passes.
-
-    With precision float32 and compile=False this is the model itself.  Otherwise it is a private
-    copy (made once per call: `copy.deepcopy`) in the reduced dtype, in channels_last for conv nets,
-    compiled with `torch.compile` when asked; `sync()` copies the model's current parameters and
-    buffers into it (one fused copy), so steps that change the model are seen by the next pass.
-    Calling it returns the logits in the model's dtype.  A model that cannot be deep-copied runs its
-    no-grad passes itself, under autocast."""
-
-    def __init__(self, model: nn.Module, precision: Precision, compile: bool = False):
-        self.model = model
-        self.precision = precision
-        self.out_dtype = _model_dtype(model)
-        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
-        self._autocast = False
-        self._input_dtype = None
-        self._channels_last = precision.reduced and precision.channels_last
-        module = model
-        if precision.reduced or compile:
-            try:
-                module = self._private_copy(model, precision)
-            except Exception:  # e.g. a module holding a lock or a file: run on the model itself
-                module, self._autocast = model, precision.reduced
-        self._eager = module
-        self.module = torch.compile(module) if compile else module
-        self._compiled = compile
-
-    def _private_copy(self, model: nn.Module, precision: Precision) -> nn.Module:
-        state = ModelState(model)
-        private = copy.deepcopy(model)
-        for p in private.parameters():
-            p.grad = None
-            p.requires_grad_(False)
-        if precision.dtype is not None:
-            private.to(precision.dtype)
-            if precision.head:  # the classifier head stays float32 (see Precision)
-                head = private.get_submodule(precision.head)
-                head.float()
-                _float32_head(head)
-        if self._channels_last:
-            private.to(memory_format=torch.channels_last)
-        mine = ModelState(private)
-        src = list(state.params) + list(state.buffers)
-        dst = list(mine.params) + list(mine.buffers)
-        if len(src) != len(dst) or any(s.shape != d.shape for s, d in zip(src, dst)):
-            raise RuntimeError("the copy's parameters do not pair with the model's")
-        self._pairs = (dst, src)
-        self._input_dtype = precision.dtype
-        return private
-
-    @property
-    def is_copy(self) -> bool:
-        """Whether the passes run on a private copy (which `sync` must refresh)."""
-        return self._pairs is not None
-
-    def sync(self) -> None:
-        """Copy the model's current parameters and buffers into the private copy (a no-op without one)."""
-        if self._pairs is not None:
-            with torch.no_grad():
-                torch._foreach_copy_(*self._pairs)
-
-    def _input(self, x: torch.Tensor) -> torch.Tensor:
-        target = {}
-        if self._input_dtype is not None and x.is_floating_point():
-            target["dtype"] = self._input_dtype
-        if self._channels_last and x.dim() == 4:
-            target["memory_format"] = torch.channels_last
-        return x.to(**target) if target else x
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._input(x)
-        context = (
-            torch.autocast(self.precision.device_type, dtype=self.precision.dtype)
-            if self._autocast
-            else contextlib.nullcontext()
-        )
-        with context:
-            if self._compiled:
-                try:
-                    out = self.module(x)
-                except Exception as exc:  # no compiler, an unsupported op, ...: the eager copy runs
-                    warnings.warn(f"compile=True: torch.compile failed ({exc}); running eagerly", stacklevel=3)
-                    self.module, self._compiled = self._eager, False
-                    out = self.module(x)
-            else:
-                out = self.module(x)
-        if isinstance(out, torch.Tensor) and out.is_floating_point() and out.dtype != self.out_dtype:
-            out = out.to(self.out_dtype)
-        return out

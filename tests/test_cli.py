@@ -118,6 +118,34 @@ alpha = 10.0
     assert results["rows"][0]["test_acc_remaining"] == results["rows"][0]["test_acc"]
 
 
+def test_precision_flag_reaches_every_method_without_its_own(tmp_path, monkeypatch):
+    import jit_unlearn.methods.ssd as ssd_module
+
+    seen = {}
+
+    def recording(fn):
+        def wrapper(*args, **kwargs):
+            seen[fn.__name__] = kwargs.get("precision")
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("ssd", "lf_ssd"):
+        monkeypatch.setattr(ssd_module, name, recording(getattr(ssd_module, name)))
+    cfg = _tiny_config(
+        methods=[
+            {"name": "ssd", "alpha": 5.0, "batch_size": 64},
+            {"name": "lf_ssd", "alpha": 5.0, "batch_size": 64, "precision": "float32"},
+        ],
+        retrain=False,
+    )
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "o"), "--quiet", "--precision", "bfloat16"]) == 0
+    assert seen == {"ssd": "bfloat16", "lf_ssd": "float32"}
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["precision"] == "bfloat16"
+
+
 def test_run_sub_class(tmp_path):
     cfg = _tiny_config(
         scenario={"kind": "sub_class", "fine_class": 7, "coarse_of": [f % 2 for f in range(10)]},
@@ -185,6 +213,7 @@ def test_bad_files_and_flags(tmp_path, capsys):
         (["run", str(cfg)], "error: config key 'model.checkpoint': cannot load"),
         (["run", str(cfg), "--device", "tpu"], "error: device: not a torch device"),
         (["demo", "--forget-class", "12"], "error: --forget-class"),
+        (["run", str(cfg), "--precision", "float16"], "error: --precision: 'float16' runs on CUDA only"),
     ]
     if not torch.cuda.is_available():
         cases.append((["run", str(cfg), "--device", "cuda"], "error: device: 'cuda' asked for, but CUDA is not"))
@@ -220,6 +249,9 @@ def test_demo_fast_subprocess(tmp_path):
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     _check_rows(results, ["original", "retrain", "JiT", "SSD", "LF-SSD", "ASSD", "DEL"])
     assert results["seed"] == 1 and results["scenario"]["forgotten_classes"] == [3]
+    assert results["precision"] == "auto"  # the demo runs precision="auto" and says what it chose
+    chosen = "bfloat16" if results["environment"]["backend"]["fast_bf16"]["cpu"] else "float32"
+    assert f"precision: {chosen} (auto: " in proc.stderr
     assert (tmp_path / "demo" / "results.png").stat().st_size > 0
 
 

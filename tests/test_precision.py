@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn as ju
-from jit_unlearn import _precision
+from jit_unlearn import _forward_copy, _precision
 from jit_unlearn.importance import per_sample as per_sample_module
 from jit_unlearn.models import MLP, SmallCNN
 
@@ -151,7 +151,7 @@ def test_auto_picks_bfloat16_only_where_fast(monkeypatch, fast):
 def test_forward_copy_is_private_reduced_and_follows_sync():
     model = _cnn()
     prec = _precision.resolve("bfloat16", model)
-    fwd = _precision.ForwardCopy(model, prec)
+    fwd = _forward_copy.ForwardCopy(model, prec)
     assert fwd.is_copy and fwd.module is not model
     conv = fwd.module.features[0].weight
     assert conv.dtype == torch.bfloat16 and conv.is_contiguous(memory_format=torch.channels_last)
@@ -175,9 +175,85 @@ def test_forward_copy_is_private_reduced_and_follows_sync():
     assert model.features[0].weight.dtype == torch.float32 and model.features[0].weight.is_contiguous()
 
 
+class _Uncopyable(nn.Module):
+    """A conv net holding a lock: copy.deepcopy refuses it."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.net = _cnn()
+        self.lock = threading.Lock()
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_forward_copy_of_an_uncopyable_model_runs_the_model_under_autocast():
+    model = _Uncopyable().eval()
+    fwd = _forward_copy.ForwardCopy(model, _precision.resolve("bfloat16", model))
+    assert fwd.module is model and not fwd.is_copy
+    x, _ = _digits_images(16)
+    with torch.no_grad():
+        ref = model(x)
+        out = fwd(x)
+    assert out.dtype == torch.float32 and not torch.equal(out, ref)
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
+    before = _state(model)
+    report = ju.jit(model, x, sigma=0.5, lr=0.0, num_samples=2, precision="bfloat16", progress=False)
+    assert report.precision == "bfloat16" and _same(model, before)  # lr 0: nothing moves
+
+
+class _ConvUsedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.fc((self.bn(h) + h).mean((2, 3)))
+
+
+def test_conv_bn_pairs():
+    from jit_unlearn.models import ResNet18
+
+    assert _forward_copy.conv_bn_pairs(_cnn()) == [("features.0", "features.1"), ("features.4", "features.5")]
+    assert len(_forward_copy.conv_bn_pairs(ResNet18(10).eval())) == 20  # stem, 2 per block, 3 shortcuts
+    assert _forward_copy.conv_bn_pairs(_cnn().train()) == []  # batch statistics are not a fixed map
+    assert _forward_copy.conv_bn_pairs(_ConvUsedTwice().eval()) == []
+    assert _forward_copy.conv_bn_pairs(_Uncopyable().eval()) == [("net.features.0", "net.features.1"),
+                                                                 ("net.features.4", "net.features.5")]  # fmt: skip
+
+
+def test_folded_copy_equals_the_model_in_float32(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda module: module)  # compile=True: a float32 private copy
+    model = _cnn()
+    with torch.no_grad():  # batch norms that are not the identity
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    fwd = _forward_copy.ForwardCopy(model, _precision.resolve("float32", model), compile=True)
+    assert fwd.is_copy and fwd.folded == 2
+    assert isinstance(fwd.module.features[1], nn.Identity) and isinstance(model.features[1], nn.BatchNorm2d)
+    x, _ = _digits_images(16)
+    with torch.no_grad():
+        torch.testing.assert_close(fwd(x), model(x), rtol=1e-5, atol=1e-5)
+        for t in [*model.parameters(), *model.buffers()]:  # a step changes weights and statistics
+            if t.is_floating_point():
+                t.mul_(1.1).add_(0.01)
+        fwd.sync()
+        torch.testing.assert_close(fwd(x), model(x), rtol=1e-5, atol=1e-5)
+    assert model.features[0].bias is None  # the caller's convolution got no bias
+
+
 def test_forward_copy_float32_is_the_model_itself():
     model = _cnn()
-    fwd = _precision.ForwardCopy(model, _precision.resolve("float32", model))
+    fwd = _forward_copy.ForwardCopy(model, _precision.resolve("float32", model))
     assert fwd.module is model and not fwd.is_copy
 
 
@@ -322,8 +398,12 @@ def test_linear_stack_per_sample_equals_backward_loop(kind, frozen_first):
         torch.testing.assert_close(imp[n], oracle[n], rtol=1e-10, atol=1e-14)
     assert all(imp[n].abs().sum() == 0 for n in ("1.0.weight", "1.0.bias")) is frozen_first
     vmapped = ju.importances(_Wrapped(model), loader, kind=kind, per_sample=True, progress=False)
-    for n in oracle:
-        torch.testing.assert_close(vmapped["seq." + n], imp[n], rtol=1e-10, atol=1e-14)
+    assert all(torch.equal(vmapped["seq." + n], imp[n]) for n in oracle)  # bitwise the vmap pass's result
+    m32 = copy.deepcopy(model).float()
+    loader32 = DataLoader(TensorDataset(x.float(), y), batch_size=16)
+    a = ju.importances(m32, loader32, kind=kind, per_sample=True, progress=False)
+    b = ju.importances(_Wrapped(m32), loader32, kind=kind, per_sample=True, progress=False)
+    assert all(torch.equal(b["seq." + n], a[n]) for n in oracle)
     assert all(isinstance(m, nn.ReLU) and m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
 
 

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ... import _backend
-from ..._precision import ForwardCopy, Precision, graded_forward
+from ..._forward_copy import ForwardCopy
+from ..._precision import Precision, graded_forward
 from ..._utils import ModelState, check_logits, module_mode
 from ...distributed import BatchSplit
 from ...torch_ops import opmath_dtype
