@@ -1,5 +1,6 @@
 """The `jit-unlearn` command: `run CONFIG` end to end, config errors, and `demo --fast`, as subprocesses."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -124,6 +125,7 @@ def test_precision_flag_reaches_every_method_without_its_own(tmp_path, monkeypat
     seen = {}
 
     def recording(fn):
+        @functools.wraps(fn)  # the CLI reads the signature
         def wrapper(*args, **kwargs):
             seen[fn.__name__] = kwargs.get("precision")
             return fn(*args, **kwargs)
