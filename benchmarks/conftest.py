@@ -1,4 +1,5 @@
-"""Benchmark configuration: two threads, as on the reference machine, and a steady glibc heap.
+"""Benchmark configuration: two threads, as on the reference machine (JIT_UNLEARN_BENCH_THREADS sets
+another count), and a steady glibc heap.
 
 glibc's malloc adapts its thresholds to the sizes a process has freed so far and hands the top of
 the heap back to the system once enough of it is free; the next allocation then faults its pages in
@@ -15,7 +16,9 @@ import sys
 
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# JIT_UNLEARN_BENCH_THREADS=1 runs on one thread: on a host whose other core is busy, each OpenMP
+# fork/join of a two-thread run waits for a time slice, which inflates element-wise ops many times over.
+torch.set_num_threads(int(os.environ.get("JIT_UNLEARN_BENCH_THREADS", 0)) or max(1, min(2, os.cpu_count() or 1)))
 
 # Benchmarks compare against the transcriptions of published code in tests/published.py.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
