@@ -146,6 +146,25 @@ def test_ssd_resnet18(benchmark, variant):
     _rounds(benchmark, group, lambda m: fn(m, forget, full), _resnet(), 3)
 
 
+def test_ssd_resnet18_bfloat16_paired(benchmark):
+    """ssd in bfloat16 timed by pytest-benchmark, each round right after a round of the published
+    code in float32 that this test times itself; extra_info holds the per-round ratios."""
+    forget, full = _ssd_loaders()
+    model = _resnet()
+    baseline = []
+
+    def setup():
+        m = copy.deepcopy(model)
+        start = time.perf_counter()
+        SSD_VARIANTS["published_float32"](m, forget, full)
+        baseline.append(time.perf_counter() - start)
+        return (copy.deepcopy(model), forget, full), {}
+
+    benchmark.group = "precision: ssd end to end, ResNet-18, full 256, forget 64, batch 32, paired"
+    benchmark.pedantic(SSD_VARIANTS["bfloat16"], setup=setup, rounds=4, iterations=1, warmup_rounds=1)
+    _paired_info(benchmark, baseline, "published code, float32")
+
+
 # ---------------------------------------------------------------- a large forget set
 
 LARGE, LARGE_BATCH, LARGE_N = 1024, 128, 4
