@@ -8,6 +8,7 @@ import torch
 
 from .. import _checks as checks
 from .. import distributed
+from .._safety import BatchChecks
 from .._utils import as_batches, module_mode
 from .batch_pass import batch_pass
 from .container import KINDS, Importances, model_fingerprint
@@ -55,19 +56,21 @@ def importances(
     checks.choice(kind, "kind", KINDS)
     checks.boolean(per_sample, "per_sample")
     checks.optional_integer(max_batch_elems, "max_batch_elems", low=1)
-    checks.module(model)
+    checks.model(model)
     batches = distributed.shard_batches(as_batches(loader, batch_size, name=name))
     named = list(model.named_parameters())
     if not any(p.requires_grad for _, p in named):
         raise ValueError("model: has no parameter that requires grad")
     acc = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in named}
     distributed.check_same_model(model)
+    data = BatchChecks(name)
     with module_mode(model, False), torch.enable_grad():
         if per_sample:
             budget = max_batch_elems or DEFAULT_MAX_BATCH_ELEMS
-            num_batches, num_samples = per_sample_pass(model, batches, acc, kind, progress, budget, name)
+            num_batches, num_samples = per_sample_pass(model, batches, acc, kind, progress, budget, name, data)
         else:
-            num_batches, num_samples = batch_pass(model, batches, acc, kind, progress, name)
+            num_batches, num_samples = batch_pass(model, batches, acc, kind, progress, name, data)
+    data.verify()
     if distributed.is_active():  # each rank read its share of the batches: sum the sums and counts
         distributed.all_reduce_sum_(list(acc.values()))
         num_batches, num_samples = distributed.all_reduce_count([num_batches, num_samples])
