@@ -216,8 +216,9 @@ def fits_dtype(value: float, name: str, dtypes: Collection[torch.dtype]) -> floa
     limits = [torch.finfo(d).max for d in dtypes if d.is_floating_point]
     if limits and abs(value) > min(limits):
         dtype = min((d for d in dtypes if d.is_floating_point), key=lambda d: torch.finfo(d).max)
+        largest = torch.finfo(dtype).max
         raise ValueError(
-            f"{name}: {value:g} overflows the parameters' dtype {dtype} (largest finite value {torch.finfo(dtype).max:g})"
+            f"{name}: {value:g} overflows the parameters' dtype {dtype} (largest finite value {largest:g})"
         )
     return value
 

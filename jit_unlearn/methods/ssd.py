@@ -223,7 +223,8 @@ def _unlearn(
             why = (
                 f"no parameter element has I_f > alpha * I_D (alpha={a:.4g})"
                 if total_selected == 0
-                else f"the {total_selected} selected elements keep their values (lam={lam:.4g} >= their ratio I_f / I_D)"
+                else f"the {total_selected} selected elements keep their values (factor min(lam * I_D / I_f, 1) = 1 "
+                f"with lam={lam:.4g}, or the values are 0)"
             )
             warnings.warn(f"{method}: {why}; the model is unchanged", RuntimeWarning, stacklevel=5)
         end = time.perf_counter()
