@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import _checks as checks
+from ..._safety import BatchChecks, protected
 from ..._utils import (
     batch_input,
     batch_labels,
@@ -21,7 +22,6 @@ from ..._utils import (
     model_device,
     module_mode,
     params_finite,
-    restore_on_failure,
     seeded_batches,
 )
 from ..._utils import progress as _progress
@@ -30,6 +30,7 @@ from .mask import Mask
 __all__ = ["masked_finetune", "FinetuneReport", "OBJECTIVES"]
 
 OBJECTIVES = ("finetune", "neggrad_plus", "relabel")
+_DIVERGED_HINT = "training diverged: lower lr"
 
 
 @dataclass
@@ -43,6 +44,13 @@ class FinetuneReport:
     trainable: int  # entries that were allowed to change (mask | head)
     final_loss: float | None  # mean training loss over the last epoch
     seconds: float
+
+    def __str__(self) -> str:
+        loss = "no step taken" if self.final_loss is None else f"final loss {self.final_loss:.4g}"
+        return (
+            f"masked fine-tuning ({self.objective}): {self.trainable:,} trainable entries, {self.epochs} epochs, "
+            f"{self.steps:,} steps, {loss}; {self.seconds:.3g} s"
+        )
 
 
 def head_parameter_names(model: nn.Module, head) -> list[str]:
@@ -63,12 +71,13 @@ def head_parameter_names(model: nn.Module, head) -> list[str]:
 
 
 def _cycle(batches) -> Iterator:
-    """The batches again and again (the forget set of the ascent objectives is cycled)."""
+    """(index within a pass, batch) of the batches again and again (the forget set of the ascent
+    objectives is cycled)."""
     while True:
         yielded = False
-        for batch in batches:
+        for i, batch in enumerate(batches):
             yielded = True
-            yield batch
+            yield i, batch
         if not yielded:
             raise ValueError("forget: yields no batches (empty)")
 
@@ -119,19 +128,21 @@ def run_finetune(
     eta_min = 0.01 * lr
     rng = torch.Generator().manual_seed(seed)
     forget_iter = _cycle(forget_batches) if objective != "finetune" else None
+    retain_data, forget_data = BatchChecks("retain"), BatchChecks("forget")
     step, final_loss = 0, None
     with module_mode(model, True):
         for _ in _progress(range(epochs), enabled=show, desc=f"DEL {objective}"):
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for batch in retain_batches:
-                x = batch_input(batch, name="retain").to(device)
-                y = batch_labels(batch, name="retain").to(device)
-                loss = F.cross_entropy(check_logits(model(x), x.shape[0]), y)
+            for i, batch in enumerate(retain_batches):
+                x = retain_data.inputs(batch_input(batch, name="retain"), i).to(device)
+                out = check_logits(model(x), x.shape[0])
+                y = retain_data.labels(batch_labels(batch, name="retain"), i, x.shape[0], out.shape[1]).to(device)
+                loss = F.cross_entropy(out, y)
                 if forget_iter is not None:
-                    fb = next(forget_iter)
-                    xf = batch_input(fb, name="forget").to(device)
-                    yf = batch_labels(fb, name="forget").to(device)
+                    j, fb = next(forget_iter)
+                    xf = forget_data.inputs(batch_input(fb, name="forget"), j).to(device)
                     out_f = check_logits(model(xf), xf.shape[0])
+                    yf = forget_data.labels(batch_labels(fb, name="forget"), j, xf.shape[0], out_f.shape[1]).to(device)
                     if objective == "neggrad_plus":
                         loss = loss - beta * F.cross_entropy(out_f, yf)
                     else:
@@ -156,6 +167,8 @@ def run_finetune(
                 loss_sum += loss.detach()
                 step += 1
             final_loss = float(loss_sum) / steps_per_epoch
+            retain_data.verify()
+            forget_data.verify()
             if not math.isfinite(final_loss) or not params_finite(params):
                 raise RuntimeError(
                     f"masked_finetune: training diverged (loss {final_loss}); lower lr. The model was restored."
@@ -164,10 +177,12 @@ def run_finetune(
     return FinetuneReport(objective, epochs, step, trainable, final_loss, time.perf_counter() - start)
 
 
-def check_finetune_args(lr, epochs, momentum, weight_decay, beta, seed, objective) -> None:
-    """The fine-tuning arguments of `masked_finetune` and `del_unlearn`."""
+def check_finetune_args(lr, epochs, momentum, weight_decay, beta, seed, objective, model: nn.Module) -> None:
+    """The fine-tuning arguments of `masked_finetune` and `del_unlearn` (the learning rate must fit
+    the dtype of the model's parameters)."""
     checks.choice(objective, "objective", OBJECTIVES)
     checks.real(lr, "lr", low=0.0, low_open=True)
+    checks.fits_dtype(lr, "lr", {p.dtype for p in model.parameters()})
     checks.integer(epochs, "epochs", low=0)
     checks.real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
     checks.real(weight_decay, "weight_decay", low=0.0)
@@ -228,14 +243,16 @@ def masked_finetune(
     Returns:
         FinetuneReport(objective, epochs, steps, trainable entries, final_loss, seconds).
     """
+    checks.model(model)
     if not isinstance(mask, Mask):
         raise TypeError(f"mask: expected a jit_unlearn.Mask, got {type(mask).__name__}")
-    check_finetune_args(lr, epochs, momentum, weight_decay, beta, seed, objective)
+    check_finetune_args(lr, epochs, momentum, weight_decay, beta, seed, objective, model)
     checks.integer(batch_size, "batch_size", low=1)
     mask.check(model)
     head_names = head_parameter_names(model, head)
     retain_batches, forget_batches = finetune_batches(retain, forget, objective, batch_size, seed)
-    with restore_on_failure(model):
+
+    def body(snapshot) -> FinetuneReport:
         return run_finetune(
             model,
             mask,
@@ -251,3 +268,5 @@ def masked_finetune(
             head_names=head_names,
             show=progress,
         )
+
+    return protected(model, body, method="masked_finetune", hint=_DIVERGED_HINT)
