@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
@@ -264,3 +265,22 @@ def progress(iterable, *, enabled: bool, desc: str, total: int | None = None, le
         except TypeError:
             total = None
     return tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True)
+
+
+def load_tensors_file(path, map_location, *, what: str):
+    """`torch.load(path, map_location=..., weights_only=True)`, with a ValueError naming the path when
+    the file is not one (truncated, corrupt, random bytes, or a pickle holding objects other than
+    tensors and plain data, which weights_only loading refuses).  A missing file raises
+    FileNotFoundError as usual.  `what`: what the file should be ("importances", "mask")."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError, AttributeError, TypeError) as exc:
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError):
+            first = "it holds objects that a weights_only load refuses, or is corrupt"
+        raise ValueError(f"path: {os.fspath(path)!r} is not a readable {what} file ({first})") from None

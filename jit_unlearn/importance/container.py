@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import torch
 
 from .. import _checks as checks
-from .._utils import model_device
+from .._utils import load_tensors_file, model_device
 
 __all__ = ["Importances", "model_fingerprint", "KINDS"]
 
@@ -194,9 +194,14 @@ class Importances(Mapping):
         if path.endswith(".safetensors"):
             from safetensors import safe_open
 
-            with safe_open(path, framework="pt", device=str(torch.device(map_location))) as fh:
-                meta = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"path: no such file: {path!r}")
+            try:
+                with safe_open(path, framework="pt", device=str(torch.device(map_location))) as fh:
+                    meta = fh.metadata() or {}
+                    tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            except Exception as exc:  # safetensors raises its own SafetensorError for bad files
+                raise ValueError(f"path: {path!r} is not a readable safetensors importances file ({exc})") from None
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"path: {path!r} is not a jit_unlearn importances file (no format tag)")
             try:
@@ -211,7 +216,7 @@ class Importances(Mapping):
             except (KeyError, ValueError, TypeError) as exc:
                 raise ValueError(f"path: {path!r} has a malformed importances header ({exc})") from None
         else:
-            blob = torch.load(path, map_location=map_location, weights_only=True)
+            blob = load_tensors_file(path, map_location, what="importances")
             if not isinstance(blob, dict) or blob.get("format") != _FORMAT:
                 raise ValueError(f"path: {path!r} is not a jit_unlearn importances file (no format tag)")
             try:
@@ -221,7 +226,10 @@ class Importances(Mapping):
                 raise ValueError(f"path: {path!r} lacks the field {exc}") from None
         if version != _VERSION:
             raise ValueError(f"path: {path!r} has importances format version {version}, expected {_VERSION}")
-        imp = cls(tensors, **info)
+        try:
+            imp = cls(tensors, **info)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"path: {path!r} holds malformed importances ({exc})") from None
         if imp.fingerprint != fingerprint:
             raise ValueError(f"path: {path!r} is corrupt: its tensors do not match its recorded fingerprint")
         if model is not None:
