@@ -78,7 +78,12 @@ setup(
         "safetensors": ["safetensors"],
         "test": ["pytest", "pytest-benchmark", "scipy", "matplotlib", "safetensors"],
     },
-    entry_points={"console_scripts": ["jit-unlearn=jit_unlearn.cli:main"]},
+    entry_points={
+        "console_scripts": ["jit-unlearn=jit_unlearn.cli:main"],
+        # SUPREME (supreme-unlearning) loads this plugin when it resolves a method; it routes the
+        # method names listed in JIT_UNLEARN_SUPREME to jit_unlearn.integrations.supreme.
+        "supreme.plugins": ["jit_unlearn=jit_unlearn.integrations.supreme:plugin_setup"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
