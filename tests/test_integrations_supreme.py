@@ -1,7 +1,6 @@
 """SUPREME's method call sites (jit_unlearn.integrations.supreme) with a stand-in Fabric, against the
 transcriptions in tests/published.py; registration with SUPREME's plugin registry; and, when
 supreme-unlearning is installed, against SUPREME's own functions (skipped otherwise)."""
-import copy
 import importlib
 import re
 import sys
@@ -233,7 +232,8 @@ def test_assd_needs_sized_datasets():
 
 def test_wandb_config_updated_only_when_asked(monkeypatch):
     updates = []
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(config=types.SimpleNamespace(update=updates.append)))
+    wandb = types.SimpleNamespace(config=types.SimpleNamespace(update=updates.append))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
     forget, full = _loaders()
     sup.ssd(StandInFabric(), 1, False, _cnn(), forget, full, 1.0, 10.0)
     assert updates == []

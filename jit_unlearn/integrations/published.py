@@ -74,7 +74,10 @@ def _check_calc_importance(model: torch.nn.Module, opt) -> None:
 def _importances(model: torch.nn.Module, opt, dataloader, kind: str) -> dict[str, torch.Tensor]:
     _check_calc_importance(model, opt)
     imp = jit_unlearn.importances(model, dataloader, kind=kind, progress=False, name="dataloader")
-    expected = len(dataloader) if hasattr(dataloader, "__len__") else imp.num_batches
+    try:
+        expected = len(dataloader)
+    except TypeError:  # no length: nothing to disagree with
+        expected = imp.num_batches
     if expected != imp.num_batches:
         raise ValueError(f"dataloader: len() is {expected} but it yielded {imp.num_batches} batches; the published "
                          "code divides by len(dataloader)")

@@ -288,8 +288,8 @@ def jit(fabric, num_gpus: int, wandb_logging_flag: bool, model: torch.nn.Module,
         for epoch in range(n_epochs):
             loss_sum, batches = _supreme_jit_epoch(fabric, wrapped, twin, sgd, loader, n_samples, sigma, device)
             totals = torch.stack([loss_sum, torch.tensor(float(batches), dtype=torch.float64, device=device)])
-            fabric.all_reduce(totals)
-            total_loss, total_batches = totals.tolist()
+            reduced = fabric.all_reduce(totals)
+            total_loss, total_batches = (totals if reduced is None else reduced).tolist()
             fabric.print(f"JIT epoch {epoch + 1}/{n_epochs}: mean loss {total_loss / max(total_batches, 1):.6f}")
         if not all_finite(net.parameters()):
             raise FloatingPointError("jit: the SGD steps wrote inf or NaN into the parameters; the model was "
