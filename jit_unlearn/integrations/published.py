@@ -14,7 +14,9 @@ Swap the import and keep the call sites (docs/METHODS.md §1 and §2 hold the ma
 
 Results are bitwise those of the published code: importances come from `jit_unlearn.importances`,
 dampening from `jit_unlearn.ops.ssd_dampen_`, and the Lipschitz loop from
-`jit_unlearn.jit(mode="reference")`.  Where the published code would silently compute something
+`jit_unlearn.jit(mode="reference")`.  (One exception: an `exponent` other than 1, which no
+published script uses, may differ in the last bit where the compiled kernel's pow and torch.pow
+round differently.)  Where the published code would silently compute something
 else than that (a model in train mode during `calc_importance`, an optimizer that does not hold
 every trainable parameter, `lower_bound != 1`) the drop-in raises ValueError instead.  It prints
 nothing, and it refuses NaN, inf or negative importances instead of writing NaN into parameters.

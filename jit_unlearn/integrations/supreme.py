@@ -26,10 +26,12 @@ Agreement with SUPREME (one process; docs/METHODS.md §1-2 hold the maths):
   the parameters instead of reloading them every batch.  `jit_unlearn_mode="default"` in kwargs
   runs jit_unlearn's fast default JiT instead (eval mode, counter-based noise, fused ops; seed from
   kwargs["seed"], default 0), which is not SUPREME's result.
-The computation runs on the unwrapped module, in the parameters' dtype (a Fabric precision plugin's
-autocast is not applied).  Under torch.distributed the importances are summed over every rank's
-batches and divided by their total count (one process's batch average over all the data), where
-SUPREME averages each rank's average of squared rank-averaged gradients.
+The SSD family computes on the unwrapped module, in the parameters' dtype (a Fabric precision
+plugin's autocast is not applied; SUPREME's forward passes go through the Fabric module).  Under
+torch.distributed its importances are summed over every rank's batches and divided by their total
+count (one process's batch average over all the data), where SUPREME averages each rank's average
+of squared DDP-averaged gradients.  jit runs SUPREME's loop through the Fabric module as SUPREME
+does.  Only the single-process case is tested.
 
 Registration: SUPREME resolves methods by name, and its CLI accepts only its own method names (the
 `-method` choices are fixed before plugins load).  Installed jit_unlearn declares a `supreme.plugins`
