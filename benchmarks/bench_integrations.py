@@ -4,7 +4,8 @@
   transcription of the published code (tests/published.py);
 - the JiT repository's Lipschitz.modify_weight, drop-in vs the transcription;
 - SUPREME's ssd, lfssd and jit functions, integration vs SUPREME's own code in the same process
-  (skipped when supreme-unlearning is not installed), both with a minimal stand-in Fabric.
+  (skipped when supreme-unlearning is not installed), with a minimal stand-in Fabric and plain
+  DataLoaders, and (ssd, lfssd) with lightning's Fabric and its wrapped loaders.
 
 Each test times the drop-in and, right before each of its rounds, the code it replaces (paired
 rounds, as in bench_jit.py); benchmarks/ratios.py prints the per-round ratios drop-in / original.
@@ -155,13 +156,23 @@ def supreme_methods():
     return {n: getattr(importlib.import_module(f"supreme.methods.unlearning_methods.{n}"), n) for n in names}
 
 
+@pytest.mark.parametrize("wrap", ["stand-in", "lightning"])
 @pytest.mark.parametrize("method", ["ssd", "lfssd"])
-def test_supreme_ssd_call_site(benchmark, case, supreme_methods, method):
+def test_supreme_ssd_call_site(benchmark, case, supreme_methods, method, wrap):
+    """`stand-in`: the minimal Fabric above and plain DataLoaders; `lightning`: a CPU lightning
+    Fabric and loaders from its setup_dataloaders, as SUPREME's pipeline passes them."""
     name, model, state, forget, full = case
     ours, theirs = getattr(integration, method), supreme_methods[method]
-    _paired(benchmark, f"SUPREME {method} call site: {name}",
-            lambda: ours(Fabric(), 1, False, model, forget, full, 1.0, 10.0),
-            lambda: theirs(Fabric(), 1, False, model, forget, full, 1.0, 10.0), "SUPREME 0.1.5", model, state)
+    if wrap == "lightning":
+        from lightning.fabric import Fabric as LightningFabric
+
+        fabric = LightningFabric(accelerator="cpu", devices=1)
+        forget, full = fabric.setup_dataloaders(forget, full)
+    else:
+        fabric = Fabric()
+    _paired(benchmark, f"SUPREME {method} call site ({wrap} Fabric): {name}",
+            lambda: ours(fabric, 1, False, model, forget, full, 1.0, 10.0),
+            lambda: theirs(fabric, 1, False, model, forget, full, 1.0, 10.0), "SUPREME 0.1.5", model, state)
 
 
 def test_supreme_jit_call_site(benchmark, case, supreme_methods):

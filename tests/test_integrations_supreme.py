@@ -119,6 +119,55 @@ def test_ssd_and_lfssd_bitwise_equal_published(name, label_free, strategy):
     assert sum(int((p != q).sum()) for p, q in zip(model.parameters(), _cnn().parameters())) > 0
 
 
+class FabricLoader:
+    """Lightning's Fabric loader wrapper as SUPREME receives its loaders: it sets a sampler's epoch,
+    counts iterations and moves batches to a device."""
+
+    def __init__(self, dataloader):
+        self.__dict__.update(dataloader.__dict__)
+        self._dataloader = dataloader
+        self._num_iter_calls = 0
+
+    def __len__(self):
+        return len(self._dataloader)
+
+    def __iter__(self):
+        for holder in (self._dataloader.sampler, self._dataloader.batch_sampler):
+            if callable(getattr(holder, "set_epoch", None)):
+                holder.set_epoch(self._num_iter_calls)
+        self._num_iter_calls += 1
+        for x, index, y in self._dataloader:
+            yield x.to("cpu"), index.to("cpu"), y.to("cpu")
+
+
+class EpochSampler(torch.utils.data.SequentialSampler):
+    epochs = []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+
+@pytest.mark.parametrize("name", ["ssd", "assd", "lfssd_det"])
+def test_fabric_wrapped_loaders_give_the_same_result(name):
+    """Reading the DataLoader inside Fabric's wrapper changes nothing but speed; the wrapper's
+    iteration count advances as if it had been read, and a sampler with set_epoch keeps the wrapper."""
+    forget, full = _loaders()
+    plain, wrapped = _cnn(), _cnn()
+    getattr(sup, name)(StandInFabric(), 1, False, plain, forget, full, 1.0, 2.0)
+    loaders = FabricLoader(forget), FabricLoader(full)
+    getattr(sup, name)(StandInFabric(), 1, False, wrapped, *loaders, 1.0, 2.0)
+    _assert_same(wrapped, plain)
+    assert [w._num_iter_calls for w in loaders] == [1, 1]
+    assert sup._plain_loader(loaders[0]) is forget
+    EpochSampler.epochs = []
+    sampled = FabricLoader(DataLoader(full.dataset, batch_size=16, sampler=EpochSampler(full.dataset)))
+    assert sup._plain_loader(sampled) is sampled
+    with_epochs = _cnn()
+    getattr(sup, name)(StandInFabric(), 1, False, with_epochs, loaders[0], sampled, 1.0, 2.0)
+    _assert_same(with_epochs, plain)
+    assert EpochSampler.epochs == [0]
+
+
 def test_ssd_unwraps_a_wrapped_model():
     class Wrapper(nn.Module):  # DistributedDataParallel / Fabric style: the network is .module
         def __init__(self, module):
@@ -457,6 +506,18 @@ def test_bitwise_equal_to_supreme_under_lightning_fabric(supreme_method):
                                       jit_weighting=0.3)
     _assert_same(model, theirs)
     assert type(ours_out) is type(their_out)
+
+
+def test_bitwise_equal_to_supreme_with_fabric_loaders(supreme_method):
+    """SUPREME's pipeline hands its methods loaders wrapped by Fabric.setup_dataloaders."""
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    plain = _loaders()
+    model, theirs = _cnn(), _cnn()
+    sup.ssd(fabric, 1, False, model, *fabric.setup_dataloaders(*plain), 1.0, 2.0)
+    supreme_method("ssd")(fabric, 1, False, theirs, *fabric.setup_dataloaders(*plain), 1.0, 2.0)
+    _assert_same(model, theirs)
 
 
 def test_supreme_registry_resolves_registered_names(supreme_method, monkeypatch):

@@ -46,6 +46,7 @@ import sys
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 import jit_unlearn
 
@@ -70,6 +71,23 @@ def _check_loader(loader, name: str):
     if loader is None or not hasattr(loader, "__iter__"):
         raise TypeError(f"{name}: expected a DataLoader of (x, index, y) batches, got {type(loader).__name__}")
     return loader
+
+
+def _plain_loader(loader):
+    """The DataLoader inside lightning's Fabric loader wrapper, so that jit_unlearn reads it directly
+    (its fast path for tensor datasets then applies); anything else as it is.
+
+    The wrapper only sets its sampler's epoch (a sampler with `set_epoch`: then it is kept), counts
+    its iterations (counted here as if it had been read) and moves batches to the device (the
+    importance pass moves them to the model's device itself)."""
+    inner = getattr(loader, "_dataloader", None)
+    count = getattr(loader, "_num_iter_calls", None)
+    if not isinstance(inner, DataLoader) or isinstance(count, bool) or not isinstance(count, int):
+        return loader
+    if any(callable(getattr(getattr(inner, attr, None), "set_epoch", None)) for attr in ("sampler", "batch_sampler")):
+        return loader
+    loader._num_iter_calls = count + 1
+    return inner
 
 
 def _log_config(fabric, enabled: bool, config: dict) -> None:
@@ -130,6 +148,7 @@ def _ssd_family(method: str, fabric, wandb_logging_flag, model, forget_train_dat
     if method == "assd":
         sizes = (_dataset_size(forget, "forget_train_dataloader"), _dataset_size(full, "full_train_dataloader"))
     placed, net = _placed(fabric, model, kwargs)
+    forget, full = _plain_loader(forget), _plain_loader(full)
     _log_config(fabric, wandb_logging_flag, {
         "optimizer": "SGD", "learning_rate": 0.1, "dampening_constant": lam,
         ("selection_weighting_initial" if method == "assd" else "selection_weighting"): alpha,
