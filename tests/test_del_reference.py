@@ -201,6 +201,13 @@ def test_masked_finetune_reference_matches_transcription():
     )
     assert report.steps == 8 and report.objective == "finetune"
     assert_state_bitwise(ours, theirs)
+    # A retain loader with its own generator does not see the forget loader: forget=None runs the same.
+    ours, theirs = make(), make()
+    retain = DataLoader(data(128, offset=40), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(3))
+    ju.masked_finetune(ours, mask, retain, lr=0.1, epochs=2, head="fc", mode="reference", progress=False)
+    retain.generator.manual_seed(3)
+    published.finetune(theirs, retain, loaders()[0], {n: m.long() for n, m in mask.items()}, lr=0.1, epochs=2)
+    assert_state_bitwise(ours, theirs)
 
 
 # ---------------------------------------------------------------- documented edge case: < 10 channels
