@@ -66,7 +66,7 @@ def test_timings_are_measured(cpu_report):
     assert math.isclose(damp["bandwidth_ratio"], 2 * damp["copy_min_s"] / damp["dampen_min_s"])
 
 
-def test_table_says_cuda_not_checked(cpu_report):
+def test_table_says_when_the_gpu_is_not_checked(cpu_report):
     report = json.loads(cpu_report[1])
     table = format_report(report)
     assert "CUDA not checked" in table
@@ -76,7 +76,7 @@ def test_table_says_cuda_not_checked(cpu_report):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report of a machine without a GPU")
-def test_module_entry_point_cuda_requested_without_gpu():
+def test_module_entry_point_fails_when_a_missing_gpu_is_asked_for():
     result = subprocess.run([sys.executable, "-m", "jit_unlearn.selfcheck", "--device", "cuda", "--only", "backend"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 1, result.stderr

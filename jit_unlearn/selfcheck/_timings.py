@@ -39,6 +39,10 @@ BUDGET_S = {"cpu": 20.0, "cuda": 60.0}
 SIGMA, LR = 0.5, 3e-4
 
 
+def _rounds(k: int) -> str:
+    return f"{k} round" + ("" if k == 1 else "s")
+
+
 def _budget(device: str, quick: bool) -> float:
     return BUDGET_S.get(device, BUDGET_S["cuda"]) / (4 if quick else 1)
 
@@ -89,7 +93,7 @@ def time_jit(device: str, quick: bool) -> tuple[str, str, dict]:
             jit_times.append(t_jit)
             floor_times.append(t_floor)
     net = "ResNet-18" if width == 64 else f"ResNet-18 at width {width}"
-    data = {"workload": f"{net} (CIFAR shape), {samples} forget samples, batch {bs}, N={n}, {len(jit_times)} rounds",
+    data = {"workload": f"{net} (CIFAR shape), {samples} forget samples, batch {bs}, N={n}, {_rounds(len(jit_times))}",
             "jit_min_s": min(jit_times), "jit_median_s": statistics.median(jit_times),
             "floor_min_s": min(floor_times), "floor_median_s": statistics.median(floor_times),
             "ratio_of_mins": min(jit_times) / min(floor_times),
@@ -130,7 +134,7 @@ def time_dampen(device: str, quick: bool) -> tuple[str, str, dict]:
     damp_bw = 4 * numel * size / min(t_damp)
     copy_bw = 2 * numel * size / min(t_copy)
     data = {"workload": f"ResNet-18 parameters ({numel / 1e6:.2f} M float32 in {len(params)} tensors), "
-                        f"{selected / numel:.0%} selected, {len(t_damp)} rounds",
+                        f"{selected / numel:.0%} selected, {_rounds(len(t_damp))}",
             "dampen_min_s": min(t_damp), "copy_min_s": min(t_copy), "dampen_gb_s": damp_bw / 1e9,
             "copy_gb_s": copy_bw / 1e9, "bandwidth_ratio": damp_bw / copy_bw,
             "target": ">= 0.70 of the copy's bandwidth on a GPU (issue 15)", "op_tier": _backend.backend_name(device)}
