@@ -175,7 +175,7 @@ def check_methods(rec: Recorder, devices: list[str], quick: bool) -> None:
 def _check_methods(rec: Recorder, devices: list[str], quick: bool) -> None:
     name, x, y = _dataset()
     start = time.perf_counter()
-    base = _train(x, y, epochs=5 if quick else 10)
+    base = _train(x, y, epochs=10)
     forget = y == FORGET_CLASS
     data = {"x": x, "y": y, "xf": x[forget], "yf": y[forget], "xr": x[~forget], "yr": y[~forget]}
     before = {"forget": _accuracy(base, data["xf"], data["yf"]), "retain": _accuracy(base, data["xr"], data["yr"])}
