@@ -180,16 +180,18 @@ def _fused_torch(device: str, case: tuple) -> list[Output]:
 
 # Around the CPU block widths (8, 1024 elements) and the parallel grain (32768), with empty tensors.
 SHAPES = [(0,), (1,), (7,), (8,), (33,), (1023,), (1025,), (3, 5, 7), (64, 3, 3, 3), (0, 4), (40_003,)]
+# One long list (outside quick mode): more tensors than one CUDA launch takes, one of several chunks.
+LONG = SHAPES + [(257,)] * 60 + [(700_001,)]
 
 
-def _randn_list(g, dtype, scale=1.0):
-    return [(torch.randn(s, generator=g, dtype=F64) * scale).to(dtype) for s in SHAPES]
+def _randn_list(g, dtype, scale=1.0, shapes=SHAPES):
+    return [(torch.randn(s, generator=g, dtype=F64) * scale).to(dtype) for s in shapes]
 
 
-def _importances(g, dtype, alpha):
+def _importances(g, dtype, alpha, shapes=SHAPES):
     """imp_full with exact zeros and imp_forget with about 20 % of the elements above alpha * imp_full."""
     full, forget = [], []
-    for s in SHAPES:
+    for s in shapes:
         d = torch.rand(s, generator=g, dtype=F64)
         d[torch.rand(s, generator=g) < 0.1] = 0
         above = torch.rand(s, generator=g) < 0.2
@@ -210,6 +212,9 @@ def _accumulate_cases(quick: bool) -> list[tuple[str, tuple]]:
             cases.append((f"{str(dtype)[6:]} {mode} scale={scale}", (acc, _randn_list(g, dtype), mode, scale)))
     acc = [t.abs() for t in _randn_list(g, F32)]
     cases.append(("float32 acc, bfloat16 grads", (acc, _randn_list(g, BF16), "square", 1.0)))
+    if not quick:
+        acc = [t.abs() for t in _randn_list(g, F32, shapes=LONG)]
+        cases.append((f"float32, {len(LONG)} tensors", (acc, _randn_list(g, F32, shapes=LONG), "square", 0.5)))
     return cases
 
 
@@ -230,6 +235,9 @@ def _dampen_cases(quick: bool) -> list[tuple[str, tuple]]:
             forget, full = _importances(g, dtype, alpha)
             cases.append((f"{str(dtype)[6:]} alpha={alpha} lam={lam} exponent={exponent}",
                           (_randn_list(g, dtype), forget, full, alpha, lam, exponent)))
+    if not quick:
+        forget, full = _importances(g, F32, 4.0, shapes=LONG)
+        cases.append((f"float32, {len(LONG)} tensors", (_randn_list(g, F32, shapes=LONG), forget, full, 4.0, 1.0, 1.0)))
     return cases
 
 
@@ -247,9 +255,10 @@ def _dampen(device: str, case: tuple) -> list[Output]:
 def _reset_cases(quick: bool) -> list[tuple[str, tuple]]:
     g = _gen(5)
     cases = []
-    for dtype in DTYPES:
-        masks = [torch.rand(s, generator=g) < 0.5 for s in SHAPES]
-        cases.append((str(dtype)[6:], (_randn_list(g, dtype), _randn_list(g, dtype, 3.0), masks)))
+    for dtype, shapes in [(d, SHAPES) for d in DTYPES] + ([] if quick else [(F32, LONG)]):
+        masks = [torch.rand(s, generator=g) < 0.5 for s in shapes]
+        cases.append((f"{str(dtype)[6:]}, {len(shapes)} tensors",
+                      (_randn_list(g, dtype, shapes=shapes), _randn_list(g, dtype, 3.0, shapes=shapes), masks)))
     return cases
 
 
