@@ -243,3 +243,14 @@ def test_cuda_selfcheck_passes():
     names = {(c["name"], c["device"]) for c in report["checks"] if c["status"] == "pass"}
     assert ("perturb: CUDA vs CPU kernels", "cuda") in names
     assert ("JiT: CUDA vs CPU", "cuda") in names
+
+
+def test_cli_selfcheck_command(capsys):
+    """`jit-unlearn selfcheck --only backend --json` goes through the CLI's command registry."""
+    from jit_unlearn import cli
+
+    code = cli.main(["selfcheck", "--device", "cpu", "--only", "backend", "--json", "--quiet"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert report["summary"]["ok"] is True
+    assert report["backend"]["compiled_cpu"] == jit_unlearn.backend_info()["compiled_cpu"]

@@ -26,7 +26,7 @@ import torch
 
 from ._report import FAIL, PASS, SKIP, Check, Recorder, format_report
 
-__all__ = ["SECTIONS", "add_parser", "format_report", "main", "run_selfcheck", "selfcheck"]
+__all__ = ["SECTIONS", "add_arguments", "add_parser", "format_report", "main", "run_selfcheck", "selfcheck"]
 
 SECTIONS = ("ops", "methods", "timings")
 DEVICES = ("auto", "cpu", "cuda")
@@ -160,7 +160,7 @@ def _sections(value: str) -> list[str]:
     return [s for s in names if s != "backend"]  # the backend section always runs
 
 
-def _add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
         choices=DEVICES,
@@ -192,7 +192,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "selfcheck", help="check this install (ops, methods, timings)", description=_DESCRIPTION
     )
-    _add_arguments(parser)
+    add_arguments(parser)
     parser.set_defaults(func=main)
     return parser
 
@@ -202,7 +202,7 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     to stdout and return the exit status."""
     if not isinstance(args, argparse.Namespace):
         parser = argparse.ArgumentParser(prog="python -m jit_unlearn.selfcheck", description=_DESCRIPTION)
-        _add_arguments(parser)
+        add_arguments(parser)
         args = parser.parse_args(args)
     code, text = run_selfcheck(
         args.device, as_json=args.json, quick=args.quick, sections=args.only, progress=not args.quiet
