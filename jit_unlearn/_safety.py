@@ -162,14 +162,18 @@ def protected(
     Returns:
         what `body` returned.
     """
-    snapshot = Snapshot(model, state, optimizer)
+    grad_enabled, snapshot = torch.is_grad_enabled(), None
     try:
+        snapshot = Snapshot(model, state, optimizer)
         result = body(snapshot)
         if check_finite:
             snapshot.check_finite(method, hint)
         return result
     except BaseException:
-        snapshot.restore()
+        if snapshot is None:  # interrupted while copying (torch's copies toggle the grad mode)
+            torch.set_grad_enabled(grad_enabled)
+        else:
+            snapshot.restore()
         raise
 
 
