@@ -237,14 +237,14 @@ def batch_name(name: str, batch: int) -> str:
 
 
 def labels(
-    y, name: str, *, batch: int, batch_size: int, num_classes: int | None = None, eager: bool = True
+    y, name: str, *, batch: int, batch_size: int, num_classes: int | None = None, defer: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Class-index labels of one batch: an integer tensor [B] (B = `batch_size`), every value in
-    [0, num_classes).  Returns (labels as int64, None) when the values were checked here, or, with
-    `eager=False` on a device other than the CPU, (labels clamped into range, a 0-dim bool tensor
-    that is True when every value was in range), so that the caller can check the values later
-    with one host sync instead of one per batch (clamping keeps an out-of-range index from
-    reaching a CUDA gather, which would abort the process).
+    [0, num_classes) (the range is not checked when num_classes is None).  Returns (labels as int64,
+    None) when the values were checked here, or, with `defer=True`, (labels clamped into range, a
+    0-dim bool tensor that is True when every value was in range), so that the caller can check the
+    values later with one host sync instead of one per batch (clamping keeps an out-of-range index
+    from reaching a CUDA gather, which would abort the process).
 
     Raises:
         TypeError: not an integer tensor.  ValueError: a shape other than [B], or a value out of range.
@@ -260,7 +260,7 @@ def labels(
     y = y.long()
     if num_classes is None or y.numel() == 0:
         return y, None
-    if eager or y.device.type == "cpu":
+    if not defer:
         lo, hi = (int(v) for v in torch.aminmax(y))
         if lo < 0 or hi >= num_classes:
             bad = lo if lo < 0 else hi

@@ -185,26 +185,33 @@ class BatchChecks:
 
     Args:
         name: the data argument, as error messages call it ("forget", "retain", ...).
+        defer: defer the value checks of every batch (True), of none (False), or of the batches
+            not on the CPU (None, the default).
     """
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, *, defer: bool | None = None):
         self.name = name
+        self.defer = defer
         self._pending: list[tuple[int, str, torch.Tensor]] = []
+
+    def _deferred(self, t: torch.Tensor) -> bool:
+        return t.device.type != "cpu" if self.defer is None else self.defer
 
     def inputs(self, x: torch.Tensor, batch: int) -> torch.Tensor:
         """`x` (a batch's inputs), after checking that a floating input holds no NaN or inf."""
         if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() and not x.is_meta:
             ok = torch.isfinite(x).all()
-            if x.device.type == "cpu":
-                if not bool(ok):
-                    raise ValueError(self._nan_message(batch))
-            else:
+            if self._deferred(x):
                 self._pending.append((batch, "inputs", ok))
+            elif not bool(ok):
+                raise ValueError(self._nan_message(batch))
         return x
 
     def labels(self, y, batch: int, batch_size: int, num_classes: int | None) -> torch.Tensor:
-        """The labels of a batch as int64 [B], checked by `_checks.labels` (see there)."""
-        y, ok = checks.labels(y, self.name, batch=batch, batch_size=batch_size, num_classes=num_classes, eager=False)
+        """The labels of a batch as int64 [B], checked by `_checks.labels` (see there); deferred
+        labels come back clamped into [0, num_classes)."""
+        defer = isinstance(y, torch.Tensor) and self._deferred(y)
+        y, ok = checks.labels(y, self.name, batch=batch, batch_size=batch_size, num_classes=num_classes, defer=defer)
         if ok is not None:
             self._pending.append((batch, f"labels:{num_classes}", ok))
         return y
