@@ -9,11 +9,11 @@ import time
 
 import pytest
 import torch
-from interrupts import count_events, interrupted, points
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import jit_unlearn as ju
+from interrupts import count_events, interrupted, points
 from jit_unlearn.methods.deletion import Mask
 
 
@@ -109,7 +109,7 @@ def test_an_interrupt_at_any_step_leaves_the_model_whole_or_returns(name, one_th
     for at in points(total, tail=40, stride=max(1, total // 24)):
         model = _prepared(name)
         saved = _state(model)
-        report, where = interrupted(lambda: call(model), at)
+        report, where = interrupted(lambda m=model: call(m), at)
         assert torch.is_grad_enabled()
         if where is None:  # the interrupt came after the call had committed
             returned += 1
