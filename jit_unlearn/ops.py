@@ -49,6 +49,9 @@ def perturb(
     num_samples = checks.int64(num_samples, "num_samples")
     if num_samples < 0:
         raise ValueError(f"num_samples: must be >= 0, got {num_samples}")
+    checks.element_count(
+        (num_samples, *x.shape), "num_samples", f"{num_samples} perturbed copies of x {tuple(x.shape)}"
+    )
     sigma = checks.real(sigma, "sigma", low=0.0)
     seed = checks.seed64(seed, "seed")
     offset = checks.seed64(offset, "offset")
