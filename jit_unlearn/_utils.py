@@ -248,6 +248,12 @@ def module_mode(model: torch.nn.Module, training: bool | None, modules: list | N
                 m.training = flag
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`n` and `noun`, plural (`plural`, else noun + "s") unless n is 1, thousands separated:
+    "1 step", "1,200 steps"."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 def params_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """True when no tensor holds a NaN or an inf (one host sync per tensor)."""
     return all(bool(torch.isfinite(t).all()) for t in tensors)

@@ -19,6 +19,7 @@ from ..._utils import (
     batch_labels,
     check_labelled,
     check_logits,
+    counted,
     model_device,
     module_mode,
     params_finite,
@@ -48,9 +49,10 @@ class FinetuneReport:
 
     def __str__(self) -> str:
         loss = "no step taken" if self.final_loss is None else f"final loss {self.final_loss:.4g}"
+        entries = counted(self.trainable, "trainable entry", "trainable entries")
         return (
-            f"masked fine-tuning ({self.objective}): {self.trainable:,} trainable entries, {self.epochs} epochs, "
-            f"{self.steps:,} steps, {loss}; {self.seconds:.3g} s"
+            f"masked fine-tuning ({self.objective}): {entries}, "
+            f"{counted(self.epochs, 'epoch')}, {counted(self.steps, 'step')}, {loss}; {self.seconds:.3g} s"
         )
 
 

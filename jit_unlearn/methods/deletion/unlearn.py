@@ -13,7 +13,7 @@ from torch import nn
 from ... import _checks as checks
 from ... import ops
 from ..._safety import protected
-from ..._utils import check_labelled, model_device, params_finite, seeded_batches
+from ..._utils import check_labelled, counted, model_device, params_finite, seeded_batches
 from .finetune import check_finetune_args, finetune_batches, head_parameter_names, reference_finetune, run_finetune
 from .localize import CRITERIA, GRANULARITIES, localize
 from .mask import Mask
@@ -51,7 +51,7 @@ class DELReport:
         return (
             f"del: reset and fine-tuned {self.masked:,} of {self.total:,} entries ({100 * self.fraction:.3g}%) "
             f"in {tensors} of {len(self.layer_fractions)} tensors{head}; "
-            f"{self.epochs} epochs, {self.steps:,} steps, {loss}; {self.seconds:.3g} s (localize "
+            f"{counted(self.epochs, 'epoch')}, {counted(self.steps, 'step')}, {loss}; {self.seconds:.3g} s (localize "
             f"{self.seconds_localize:.3g} s, reset {self.seconds_reset:.3g} s, fine-tune {self.seconds_finetune:.3g} s)"
         )
 

@@ -17,7 +17,7 @@ from torch.utils.data import TensorDataset
 from ... import _checks as checks
 from ... import distributed
 from ..._safety import BatchChecks, protected
-from ..._utils import ModelState, as_batches, batch_input, split_rows
+from ..._utils import ModelState, as_batches, batch_input, counted, split_rows
 from ..._utils import progress as _progress
 from .default import DEFAULT_MAX_BATCH_ELEMS, DefaultSettings, default_max_batch_elems, run_default
 from .reference import run_reference
@@ -45,8 +45,8 @@ class JiTReport:
     def __str__(self) -> str:
         unchanged = "" if self.changed else "; the model is UNCHANGED"
         return (
-            f"jit ({self.mode} mode, {self.backend} ops): {self.steps} steps over {self.samples} forget samples, "
-            f"mean loss {self.mean_loss:.4g}, {self.seconds:.3g} s{unchanged}"
+            f"jit ({self.mode} mode, {self.backend} ops): {counted(self.steps, 'step')} over "
+            f"{counted(self.samples, 'forget sample')}, mean loss {self.mean_loss:.4g}, {self.seconds:.3g} s{unchanged}"
         )
 
 
