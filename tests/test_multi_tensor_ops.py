@@ -292,7 +292,7 @@ def _public_ops_run(gen_seed: int):
     ops.accumulate_importance_(acc_f, grads, "square", 1.0)
     ops.accumulate_importance_(acc_d, params, mode="abs", scale=0.5)
     dampened = _clone(params)
-    counts = ops.ssd_dampen_(dampened, acc_f, acc_d, 1.0, 0.5, 1.0)
+    counts = ops.ssd_dampen_(dampened, acc_f, acc_d, 1.0, 2.0, 1.0)
     reset = _clone(dampened)
     ops.masked_reset_(reset, init, masks)
     inputs = {"params": params, "grads": grads, "init": init, "masks": masks}
@@ -318,7 +318,7 @@ def test_public_ops_agree_across_tiers():
         for a, b in zip(compiled[key], pure[key]):
             assert_bitwise(a, b)
     # float64 transcription: I_f = g^2, I_D = |theta| / 2; selected <=> I_f > 1 * I_D;
-    # theta *= min(0.5 * I_D / I_f, 1); then theta = mask ? init : theta.
+    # theta *= min(2 * I_D / I_f, 1) (the cap matters for I_D < I_f < 2 I_D); then theta = mask ? init : theta.
     total_selected = 0
     for i, (p, g, init, m) in enumerate(zip(inputs["params"], inputs["grads"], inputs["init"], inputs["masks"])):
         p64, g64 = p.double(), g.double()
@@ -328,7 +328,7 @@ def test_public_ops_agree_across_tiers():
         selected = f > d
         total_selected += int(selected.sum())
         assert int(compiled["counts"][i]) == int(selected.sum())
-        want = torch.where(selected, p64 * torch.clamp(0.5 * d / torch.where(selected, f, 1.0), max=1.0), p64)
+        want = torch.where(selected, p64 * torch.clamp(2.0 * d / torch.where(selected, f, 1.0), max=1.0), p64)
         torch.testing.assert_close(compiled["dampened"][i].double(), want, rtol=1e-6, atol=1e-30)
         want = torch.where(m, init.double(), want)
         torch.testing.assert_close(compiled["reset"][i].double(), want, rtol=1e-6, atol=1e-30)
