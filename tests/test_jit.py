@@ -5,7 +5,6 @@ whose noise comes from an independent Philox / Box-Muller transcription (not fro
 check holds on the pure-PyTorch tier too.  Reduced precision: test_precision.py."""
 
 import copy
-import os
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn
 import oracles
+from conftest import expected_tier
 from jit_unlearn import _backend, jit
 from jit_unlearn.data import digits, mnist
 from jit_unlearn.models import MLP, SmallCNN
@@ -286,9 +286,8 @@ def test_cuda_matches_cpu(mode):
         assert report.steps == 3
         # the tier that ran: reference mode is plain PyTorch; the default mode runs the compiled
         # kernels of the model's device unless they are missing or JIT_UNLEARN_BACKEND=torch
-        device = next(model.parameters()).device.type
-        compiled = _backend.has_kernel(device) and os.environ.get("JIT_UNLEARN_BACKEND") != "torch"
-        assert report.backend == ("torch" if mode == "reference" or not compiled else device)
+        tier = expected_tier(next(model.parameters()).device.type)
+        assert report.backend == ("torch" if mode == "reference" else tier)
     _assert_state_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-5)
 
 

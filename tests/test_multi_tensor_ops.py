@@ -2,12 +2,14 @@
 jit_unlearn.torch_ops and hand-computed values, opcheck, torch.compile, argument errors."""
 
 import math
+import os
 
 import pytest
 import torch
 
+import jit_unlearn
 import jit_unlearn.ops as ops
-from conftest import requires_cuda
+from conftest import expected_tier, requires_cuda
 from jit_unlearn import _backend, torch_ops
 
 
@@ -278,17 +280,17 @@ def test_masked_reset_matches_where(dtype, init_dtype):
 # --------------------------------------------------------------------------------------------------
 
 
-def _public_ops_run(gen_seed: int):
+def _public_ops_run(gen_seed: int, device: str = "cpu"):
     """accumulate_importance_ twice, ssd_dampen_, then masked_reset_ with a random mask, through the
     public ops on the tier in force; returns every intermediate result."""
     gen = torch.Generator().manual_seed(gen_seed)
     shapes = [(64, 3, 3, 3), (64,), (10, 64), (0,), (1025,)]
-    params = _randn_list(shapes, torch.float32, gen)
-    grads = _randn_list(shapes, torch.float32, gen)
-    init = _randn_list(shapes, torch.float32, gen)
-    masks = [torch.rand(s, generator=gen) < 0.3 for s in shapes]
-    acc_f = [torch.zeros(s) for s in shapes]
-    acc_d = [torch.zeros(s) for s in shapes]
+    params = [t.to(device) for t in _randn_list(shapes, torch.float32, gen)]
+    grads = [t.to(device) for t in _randn_list(shapes, torch.float32, gen)]
+    init = [t.to(device) for t in _randn_list(shapes, torch.float32, gen)]
+    masks = [(torch.rand(s, generator=gen) < 0.3).to(device) for s in shapes]
+    acc_f = [torch.zeros(s, device=device) for s in shapes]
+    acc_d = [torch.zeros(s, device=device) for s in shapes]
     ops.accumulate_importance_(acc_f, grads, "square", 1.0)
     ops.accumulate_importance_(acc_d, params, mode="abs", scale=0.5)
     dampened = _clone(params)
@@ -543,6 +545,27 @@ def test_device_mismatch_names_the_argument():
 # --------------------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU)
 # --------------------------------------------------------------------------------------------------
+
+
+@requires_cuda
+def test_public_ops_on_cuda_run_the_expected_tier():
+    """On a GPU the public ops run the CUDA kernels when they are built (else the pure-PyTorch tier),
+    and give what the same calls give on the CPU; perturb's noise is bitwise the same."""
+    tier = expected_tier("cuda")
+    assert _backend.backend_name("cuda") == tier and jit_unlearn.backend_info()["active"]["cuda"] == tier
+    if os.environ.get("FORCE_CUDA") == "1" and os.environ.get("JIT_UNLEARN_BACKEND") != "torch":
+        assert tier == "cuda"  # a build asked for CUDA kernels must run them
+    _, cpu = _public_ops_run(12)
+    _, gpu = _public_ops_run(12, "cuda")
+    assert gpu["counts"].device.type == "cuda" and torch.equal(gpu["counts"].cpu(), cpu["counts"])
+    for key in ("acc_f", "acc_d", "dampened", "reset"):
+        for a, b in zip(gpu[key], cpu[key]):
+            assert a.device.type == "cuda"
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=0)
+    x = torch.randn(6, 3, 9)
+    got, want = ops.perturb(x.cuda(), 3, 0.5, seed=4, offset=2), ops.perturb(x, 3, 0.5, seed=4, offset=2)
+    assert torch.equal(got[0].cpu(), want[0])
+    torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-5, atol=1e-6)
 
 
 @requires_cuda
