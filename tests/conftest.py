@@ -31,6 +31,14 @@ def subprocess_env(root: str = ROOT, **extra: str) -> dict:
     return env
 
 
+def pytest_collection_modifyitems(items):
+    """Mark `cuda` (select with `-m cuda`) every test whose name or skip reason mentions CUDA."""
+    for item in items:
+        reasons = " ".join(str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
+        if "cuda" in f"{item.name} {reasons}".lower():
+            item.add_marker(pytest.mark.cuda)
+
+
 @pytest.fixture(params=["compiled", "torch"])
 def backend(request):
     """Run a test once per tier: the compiled kernels (skipped if not built) and pure PyTorch."""

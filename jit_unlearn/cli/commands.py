@@ -91,6 +91,7 @@ class Command:
     run: Callable[[argparse.Namespace], int]
     description: str | None = None
     epilog: str | None = None
+    common: bool = True  # whether the common --device/--seed/--out/--quiet arguments apply
 
 
 COMMANDS: dict[str, Command] = {}
@@ -184,19 +185,46 @@ register(
 )
 
 
+def _selfcheck_arguments(parser: argparse.ArgumentParser) -> None:
+    from .. import selfcheck
+
+    selfcheck.add_arguments(parser)
+
+
+def _selfcheck(args: argparse.Namespace) -> int:
+    from .. import selfcheck
+
+    return selfcheck.main(args)
+
+
+register(
+    Command(
+        "selfcheck",
+        "check this install: tiers, every op against the pure-PyTorch tier, methods, timings",
+        _selfcheck_arguments,
+        _selfcheck,
+        description="Check this install: compiled and active tiers, every op against the pure-PyTorch tier (and "
+        "CUDA against CPU), JiT/SSD/DEL on a small model on each device, short timings on a ResNet-18.",
+        common=False,
+    )
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: the config's, else auto)")
     common.add_argument("--seed", type=int, default=None, help="seed for splits, training and methods (default 0)")
     common.add_argument("--out", default=None, help="output folder for results.json, results.png, original.pt")
     common.add_argument("--quiet", action="store_true", help="no progress bars or step messages; only the table")
-    parser = argparse.ArgumentParser(prog="jit-unlearn", description="Machine unlearning: demo and experiments.")
+    parser = argparse.ArgumentParser(
+        prog="jit-unlearn", description="Machine unlearning: demo, experiments and an install check."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for command in COMMANDS.values():
         formatter = argparse.RawDescriptionHelpFormatter if command.epilog else argparse.HelpFormatter
         child = sub.add_parser(
             command.name,
-            parents=[common],
+            parents=[common] if command.common else [],
             help=command.help,
             description=command.description,
             epilog=command.epilog,
@@ -210,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `jit-unlearn` command; returns the exit status (2 for user errors)."""
     args = _parser().parse_args(argv)
     try:
-        if args.seed is not None and args.seed < 0:
+        if getattr(args, "seed", None) is not None and args.seed < 0:
             raise UserError(f"--seed: expected an int >= 0, got {args.seed}")
         return COMMANDS[args.command].run(args)
     except UserError as exc:

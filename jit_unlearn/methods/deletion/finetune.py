@@ -26,6 +26,7 @@ from ..._utils import (
 )
 from ..._utils import progress as _progress
 from .mask import Mask
+from .reference import check_mode, reference_batches, run_reference_finetune
 
 __all__ = ["masked_finetune", "FinetuneReport", "OBJECTIVES"]
 
@@ -164,6 +165,13 @@ def run_finetune(
     return FinetuneReport(objective, epochs, step, trainable, final_loss, time.perf_counter() - start)
 
 
+def reference_finetune(model, mask: Mask, retain_batches, forget_batches, **kwargs) -> FinetuneReport:
+    """`run_reference_finetune` (the published loop, docs/METHODS.md §3.2) timed into a FinetuneReport."""
+    start = time.perf_counter()
+    steps, trainable, final_loss = run_reference_finetune(model, mask, retain_batches, forget_batches, **kwargs)
+    return FinetuneReport("finetune", kwargs["epochs"], steps, trainable, final_loss, time.perf_counter() - start)
+
+
 def check_finetune_args(lr, epochs, momentum, weight_decay, beta, seed, objective) -> None:
     """The fine-tuning arguments of `masked_finetune` and `del_unlearn`."""
     checks.choice(objective, "objective", OBJECTIVES)
@@ -207,6 +215,7 @@ def masked_finetune(
     beta: float = 0.1,
     seed: int = 0,
     head=None,
+    mode: str = "default",
     progress: bool = True,
 ) -> FinetuneReport:
     """Train only the masked entries of `model` (plus the `head` module fully), in place.
@@ -223,6 +232,11 @@ def masked_finetune(
         beta: weight of the forget ascent term of "neggrad_plus" (>= 0; small, since the negated
             forget CE is unbounded).
         head: module name (or list of names) whose parameters train fully; None trains only the mask.
+        mode: "default", or "reference" for the published loop (docs/METHODS.md §3.2; objective
+            "finetune" only): torch.optim.SGD with the gradients multiplied by the mask, so weight
+            decay > 0 moves unmasked entries too, CosineAnnealingLR(T_max=epochs, eta_min=0.01·lr)
+            stepped per epoch, no batch read ahead; a given `forget` loader is opened each epoch and
+            read alongside, unused, as the published loop does.  The caller's `.grad` is kept.
     The model trains in train mode (BatchNorm statistics update) and gets its modes back afterwards;
     on any failure parameters and buffers are restored bitwise.
     Returns:
@@ -232,8 +246,25 @@ def masked_finetune(
         raise TypeError(f"mask: expected a jit_unlearn.Mask, got {type(mask).__name__}")
     check_finetune_args(lr, epochs, momentum, weight_decay, beta, seed, objective)
     checks.integer(batch_size, "batch_size", low=1)
+    check_mode(mode, objective=objective)
     mask.check(model)
     head_names = head_parameter_names(model, head)
+    if mode == "reference":
+        retain_batches = reference_batches(retain, batch_size, "retain", shuffle=True, seed=seed)
+        forget_batches = None if forget is None else reference_batches(forget, batch_size, "forget")
+        with restore_on_failure(model):
+            return reference_finetune(
+                model,
+                mask,
+                retain_batches,
+                forget_batches,
+                lr=float(lr),
+                epochs=epochs,
+                momentum=float(momentum),
+                weight_decay=float(weight_decay),
+                head_names=head_names,
+                show=progress,
+            )
     retain_batches, forget_batches = finetune_batches(retain, forget, objective, batch_size, seed)
     with restore_on_failure(model):
         return run_finetune(

@@ -11,6 +11,7 @@ from ... import _checks as checks
 from ..._utils import batch_input, batch_labels, check_logits, model_device, module_mode, seeded_batches
 from ..._utils import progress as _progress
 from .mask import Mask
+from .reference import check_mode, reference_batches, reference_mask, reference_scores
 
 __all__ = ["localize", "mask_from_scores", "CRITERIA", "GRANULARITIES"]
 
@@ -131,6 +132,7 @@ def localize(
     top_fraction: float | None = 0.1,
     seed: int = 0,
     batch_size: int | None = None,
+    mode: str = "default",
     progress: bool = True,
 ) -> Mask:
     """Select the ⌊budget·P⌋ parameter entries most critical to the forget set (docs/METHODS.md §3).
@@ -149,6 +151,11 @@ def localize(
         top_fraction: in (0, 1], or None for the plain row mean (transformer-class models).
         seed: seeds the random criterion.
         batch_size: batch size for tensor / Dataset input (a DataLoader is used as is).
+        mode: "default", or "reference" for the published code's scoring and ranking
+            (docs/METHODS.md §3.2; "weighted_grad" and "grad" only): scores add θ ⊙ ∇θ(−CE_b) (or
+            ∇θ(−CE_b)) batch by batch in the parameter dtype, rows take the mean of their sorted
+            `torch.topk`, and the selection is the first int(budget·P) positions of `torch.argsort`
+            of the negated flat scores (its own order among ties).  h = max(1, ·) in both modes.
     Returns:
         Mask with a torch.bool tensor per scored parameter, on the parameter's device.
     """
@@ -158,7 +165,12 @@ def localize(
     if top_fraction is not None:
         top_fraction = checks.real(top_fraction, "top_fraction", low=0.0, high=1.0, low_open=True)
     checks.integer(seed, "seed", low=0)
+    check_mode(mode, criterion=criterion)
     named = _scored_parameters(model)
+    if mode == "reference":
+        batches = reference_batches(forget, batch_size, "forget")
+        scores = reference_scores(model, [p for _, p in named], batches, criterion, progress)
+        return reference_mask([n for n, _ in named], scores, granularity, budget, top_fraction)
     scores = _element_scores(model, [p for _, p in named], forget, criterion, seed, batch_size, progress)
     return mask_from_scores([n for n, _ in named], scores, granularity, budget, top_fraction)
 

@@ -13,9 +13,10 @@ from torch import nn
 from ... import _checks as checks
 from ... import ops
 from ..._utils import check_labelled, model_device, params_finite, restore_on_failure, seeded_batches
-from .finetune import check_finetune_args, finetune_batches, head_parameter_names, run_finetune
+from .finetune import check_finetune_args, finetune_batches, head_parameter_names, reference_finetune, run_finetune
 from .localize import CRITERIA, GRANULARITIES, localize
 from .mask import Mask
+from .reference import check_mode, reference_batches, reference_reset_
 
 __all__ = ["del_unlearn", "DELReport"]
 
@@ -116,6 +117,7 @@ def del_unlearn(
     granularity: str = "channel",
     top_fraction: float | None = 0.1,
     seed: int = 0,
+    mode: str = "default",
     progress: bool = True,
 ) -> DELReport:
     """DEL: localize (docs/METHODS.md §3 steps 1-3), reset the selected entries to `init`, fine-tune them on retain.
@@ -131,9 +133,30 @@ def del_unlearn(
         lr, epochs, momentum, weight_decay: masked SGD fine-tuning, see `masked_finetune`.
         head_trainable: train the classifier head fully: the module named `head`, by default the last
             nn.Linear of the model.
+        mode: "default" (the fixed method) or "reference" (the published code), see Modes.
     Returns:
         DELReport with the mask, its statistics, epochs, steps and seconds per phase.
-    On failure (including KeyboardInterrupt) the model is restored bitwise.
+
+    Modes (docs/METHODS.md §3.2, §3.3):
+        "reference": the published code operation for operation: scores add θ ⊙ ∇θ(−CE_b) batch by
+            batch in the parameter dtype; the ranking is `torch.argsort` of the negated flat scores
+            (ties fall as that sort puts them); the reset is the blend θ·(1 − m) + θ_init·m;
+            torch.optim.SGD with masked gradients (weight decay > 0 then moves unmasked entries, the
+            published bug); CosineAnnealingLR(T_max=epochs, eta_min=0.01·lr) stepped per epoch; no
+            batch read ahead, and each epoch opens the forget loader and reads it alongside the
+            retain batches, unused, as the published loop does.  criterion "weighted_grad" or "grad".
+            Kept from the default: h = max(1, ·) (the published code scores layers with < 10 output
+            channels NaN, never selecting them), h capped at the row length, the checks below.
+        "default" differs from it in: (1) the score is θ ⊙ Σ_b ∇θ CE_b, summed in float32 (float64
+            for float64 models); (2) ties go to the lower flat index (a stable ranking); (3) the reset
+            is a select, which differs from the blend only in the sign of zeros (and where inf·0 would
+            give NaN); (4) the cosine schedule is closed-form and stepped per optimizer step; (5) one
+            batch of each loader is read before anything changes, and the forget loader is not read
+            while fine-tuning; (6) weight decay never moves unmasked entries; (7) gradients come from
+            torch.autograd.grad, so `.grad` is not used; (8) criterion "random" is available.
+    Both modes check the arguments, the init and the scores before any parameter is written, check
+    the loss and the parameters after every epoch, and restore the model bitwise on any failure
+    (including KeyboardInterrupt); they never write NaN or inf into the parameters.
     """
     checks.choice(criterion, "criterion", CRITERIA)
     checks.choice(granularity, "granularity", GRANULARITIES)
@@ -143,14 +166,19 @@ def del_unlearn(
     check_finetune_args(lr, epochs, momentum, weight_decay, 0.0, seed, "finetune")
     checks.integer(batch_size, "batch_size", low=1)
     checks.boolean(head_trainable, "head_trainable")
+    check_mode(mode, criterion=criterion)
     state = _init_state(init, model, seed)
     head_name = (head if head is not None else _last_linear(model)) if head_trainable else None
     head_names = head_parameter_names(model, head_name)
     forget_batches = None
-    if criterion != "random":
-        forget_batches = seeded_batches(forget, batch_size, "forget")
-        check_labelled(forget_batches, "forget")
-    retain_batches, _ = finetune_batches(retain, None, "finetune", batch_size, seed)
+    if mode == "reference":
+        forget_batches = reference_batches(forget, batch_size, "forget")
+        retain_batches = reference_batches(retain, batch_size, "retain", shuffle=True, seed=seed)
+    else:
+        if criterion != "random":
+            forget_batches = seeded_batches(forget, batch_size, "forget")
+            check_labelled(forget_batches, "forget")
+        retain_batches, _ = finetune_batches(retain, None, "finetune", batch_size, seed)
     device = model_device(model)
     with restore_on_failure(model):
         t0 = time.perf_counter()
@@ -162,6 +190,7 @@ def del_unlearn(
             budget=budget,
             top_fraction=top_fraction,
             seed=seed,
+            mode=mode,
             progress=progress,
         )
         checks.sync(device)
@@ -171,26 +200,32 @@ def del_unlearn(
         with torch.no_grad():
             targets = [named[n] for n in names]
             values = [state[n].to(device=p.device, dtype=p.dtype) for n, p in zip(names, targets)]
-            if not params_finite(v for v, n in zip(values, names) if bool(mask[n].any())):
-                raise ValueError("init: has non-finite values in entries selected for the reset")
-            ops.masked_reset_(targets, values, [mask[n] for n in names])
+            if mode == "reference":
+                reference_reset_(targets, values, [mask[n] for n in names])
+            else:
+                if not params_finite(v for v, n in zip(values, names) if bool(mask[n].any())):
+                    raise ValueError("init: has non-finite values in entries selected for the reset")
+                ops.masked_reset_(targets, values, [mask[n] for n in names])
         checks.sync(device)
         t2 = time.perf_counter()
-        fine = run_finetune(
-            model,
-            mask,
-            retain_batches,
-            None,
-            objective="finetune",
-            lr=float(lr),
-            epochs=epochs,
-            momentum=float(momentum),
-            weight_decay=float(weight_decay),
-            beta=0.0,
-            seed=seed,
-            head_names=head_names,
-            show=progress,
-        )
+        tune = dict(lr=float(lr), epochs=epochs, momentum=float(momentum), weight_decay=float(weight_decay))
+        if mode == "reference":
+            fine = reference_finetune(
+                model, mask, retain_batches, forget_batches, **tune, head_names=head_names, show=progress
+            )
+        else:
+            fine = run_finetune(
+                model,
+                mask,
+                retain_batches,
+                None,
+                objective="finetune",
+                **tune,
+                beta=0.0,
+                seed=seed,
+                head_names=head_names,
+                show=progress,
+            )
     return DELReport(
         mask=mask,
         fraction=mask.fraction(),

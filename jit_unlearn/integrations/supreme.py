@@ -1,0 +1,500 @@
+"""SUPREME's unlearning-method call sites (supreme-unlearning 0.1.5), computed by jit_unlearn.
+
+Same names, signatures and semantics as `supreme.methods.unlearning_methods.<name>.<name>`:
+
+    jit(fabric, num_gpus, wandb_logging_flag, model, forget_train_dataloader, n_epochs=1, n_samples=10,
+        learning_rate=0.001, jit_weighting=0.1, **kwargs)
+    ssd | lfssd | assd | ssd_det | lfssd_det(fabric, num_gpus, wandb_logging_flag, model,
+        forget_train_dataloader, full_train_dataloader, dampening_constant, selection_weighting, **kwargs)
+
+Batches are SUPREME's (x, index, y) triples.  `fabric` is a lightning Fabric or any object with the
+members used here: `setup`, `backward`, `all_reduce`, `barrier`, `print`, `device`, `global_rank`.
+Neither SUPREME, Lightning nor wandb is imported (wandb's config is updated only when the caller
+has imported it).  Each function returns the model as SUPREME's does and, if it fails, leaves the
+parameters, buffers and train/eval flags bitwise as they were.
+
+Agreement with SUPREME (one process; docs/METHODS.md §1-2 hold the maths):
+- ssd, lfssd: bitwise (`jit_unlearn.ssd` / `lf_ssd`: the published batch-average importances).
+- assd: bitwise; alpha is SUPREME's (numpy percentile of the finite ratios at 100 - ln(1 + 100 n_f/n),
+  n_f and n the loaders' dataset sizes, rounded to float32; 99 when no ratio is finite), lambda is
+  `dampening_constant`.
+- ssd_det, lfssd_det: float tolerance (vectorised per-sample gradients instead of one backward
+  pass per sample).
+- jit: bitwise; SUPREME's JiT differs from the published one (gradients zeroed every batch, the
+  perturbed outputs taken from an eval-mode copy of the model synced at the start of each batch,
+  the model in train mode, `n_epochs` passes), and that is what runs.  The eval-mode copy shares
+  the parameters instead of reloading them every batch.  `jit_unlearn_mode="default"` in kwargs
+  runs jit_unlearn's fast default JiT instead (eval mode, counter-based noise, fused ops; seed from
+  kwargs["seed"], default 0), which is not SUPREME's result.
+The SSD family computes on the unwrapped module, in the parameters' dtype (a Fabric precision
+plugin's autocast is not applied; SUPREME's forward passes go through the Fabric module).  Under
+torch.distributed its importances are summed over every rank's batches and divided by their total
+count (one process's batch average over all the data), where SUPREME averages each rank's average
+of squared DDP-averaged gradients.  jit runs SUPREME's loop through the Fabric module as SUPREME
+does.  Only the single-process case is tested.
+
+Registration: SUPREME resolves methods by name, and its CLI accepts only its own method names (the
+`-method` choices are fixed before plugins load).  Installed jit_unlearn declares a `supreme.plugins`
+entry point that routes the names listed in the environment variable JIT_UNLEARN_SUPREME
+(comma-separated, or "all") to these functions; in a script, call `register()`.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+import jit_unlearn
+
+from ._common import all_finite, batch_input, check_int, check_module, check_real, restore_on_failure, trainable, unwrap
+
+__all__ = ["jit", "ssd", "lfssd", "assd", "ssd_det", "lfssd_det", "register", "plugin_setup", "METHODS", "ENV_VAR"]
+
+METHODS = ("jit", "ssd", "lfssd", "assd", "ssd_det", "lfssd_det")
+ENV_VAR = "JIT_UNLEARN_SUPREME"
+_FABRIC_MEMBERS = ("setup", "backward", "all_reduce", "barrier", "print", "device", "global_rank")
+
+
+def _check_fabric(fabric) -> None:
+    missing = [m for m in _FABRIC_MEMBERS if not hasattr(fabric, m)]
+    if missing:
+        raise TypeError(
+            f"fabric: lacks {missing}; pass a lightning Fabric or an object with {', '.join(_FABRIC_MEMBERS)}"
+        )
+
+
+def _check_loader(loader, name: str):
+    if loader is None or not hasattr(loader, "__iter__"):
+        raise TypeError(f"{name}: expected a DataLoader of (x, index, y) batches, got {type(loader).__name__}")
+    return loader
+
+
+def _plain_loader(loader):
+    """The DataLoader inside lightning's Fabric loader wrapper, so that jit_unlearn reads it directly
+    (its fast path for tensor datasets then applies); anything else as it is.
+
+    The wrapper only sets its sampler's epoch (a sampler with `set_epoch`: then it is kept), counts
+    its iterations (counted here as if it had been read) and moves batches to the device (the
+    importance pass moves them to the model's device itself)."""
+    inner = getattr(loader, "_dataloader", None)
+    count = getattr(loader, "_num_iter_calls", None)
+    if not isinstance(inner, DataLoader) or isinstance(count, bool) or not isinstance(count, int):
+        return loader
+    if any(callable(getattr(getattr(inner, attr, None), "set_epoch", None)) for attr in ("sampler", "batch_sampler")):
+        return loader
+    loader._num_iter_calls = count + 1
+    return inner
+
+
+def _log_config(fabric, enabled: bool, config: dict) -> None:
+    """SUPREME's wandb.config.update on rank 0, when the caller's process has wandb imported."""
+    wandb = sys.modules.get("wandb")
+    if enabled and fabric.global_rank == 0 and wandb is not None and getattr(wandb, "config", None) is not None:
+        wandb.config.update(config)
+
+
+# ---------------------------------------------------------------- SSD family
+
+
+def _placed(fabric, model, kwargs) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """SUPREME's placement of a parameter-surgery method's model: set up with Fabric under "ddp"
+    (the default), else moved to fabric.device unwrapped.  Returns (what to return, what to compute on)."""
+    raw = unwrap(check_module(model))
+    if kwargs.get("distributed_strategy_name", "ddp") != "ddp":
+        placed = raw.to(fabric.device)
+    else:
+        placed = fabric.setup(raw)
+        if isinstance(placed, (tuple, list)):  # a stand-in that always returns a tuple
+            placed = placed[0]
+    return placed, unwrap(placed)
+
+
+def _supreme_assd_alpha(fabric, imp_f, imp_d, n_forget: int, n_full: int) -> float:
+    """ASSD's threshold as SUPREME computes it: numpy's percentile of the finite ratios I_f / I_D at
+    100 - ln(1 + (n_forget / n_full) * 100), passed through a float32 tensor; 99.0 when no ratio
+    is finite."""
+    pieces = []
+    with torch.no_grad():
+        for name in imp_f:
+            ratio = imp_f[name].div(imp_d[name])
+            ratio = ratio[torch.isfinite(ratio)]
+            if ratio.numel():
+                pieces.append(ratio.reshape(-1).cpu().numpy())
+    if not pieces:
+        fabric.print("assd: no finite importance ratio; alpha falls back to 99.0 as in SUPREME")
+        return 99.0
+    percentile = 100 - np.log(1 + (n_forget / n_full) * 100)
+    threshold = float(np.nanpercentile(np.concatenate(pieces), percentile))
+    return torch.tensor([threshold], dtype=torch.float32).item()
+
+
+def _dataset_size(loader, name: str) -> int:
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__len__"):
+        raise TypeError(f"{name}: assd needs a DataLoader with a sized .dataset (SUPREME reads len(loader.dataset))")
+    return len(dataset)
+
+
+def _ssd_family(
+    method: str,
+    fabric,
+    wandb_logging_flag,
+    model,
+    forget_train_dataloader,
+    full_train_dataloader,
+    dampening_constant,
+    selection_weighting,
+    kwargs,
+    *,
+    kind: str,
+    per_sample: bool,
+):
+    _check_fabric(fabric)
+    lam = check_real(dampening_constant, "dampening_constant", low=0.0)
+    alpha = check_real(selection_weighting, "selection_weighting", low=0.0, strict=method != "assd")
+    forget = _check_loader(forget_train_dataloader, "forget_train_dataloader")
+    full = _check_loader(full_train_dataloader, "full_train_dataloader")
+    if method == "assd":
+        sizes = (_dataset_size(forget, "forget_train_dataloader"), _dataset_size(full, "full_train_dataloader"))
+    placed, net = _placed(fabric, model, kwargs)
+    forget, full = _plain_loader(forget), _plain_loader(full)
+    _log_config(
+        fabric,
+        wandb_logging_flag,
+        {
+            "optimizer": "SGD",
+            "learning_rate": 0.1,
+            "dampening_constant": lam,
+            ("selection_weighting_initial" if method == "assd" else "selection_weighting"): alpha,
+            "lower_bound": 1,
+            "exponent": 1,
+            "backend": "jit_unlearn",
+        },
+    )
+    fabric.barrier()
+    with restore_on_failure(net):
+        placed.eval()
+        if method == "assd":
+            imp_f = jit_unlearn.importances(net, forget, kind=kind, progress=False, name="forget_train_dataloader")
+            imp_d = jit_unlearn.importances(net, full, kind=kind, progress=False, name="full_train_dataloader")
+            for imp, name in ((imp_f, "forget_train_dataloader"), (imp_d, "full_train_dataloader")):
+                if imp.invalid:
+                    raise ValueError(f"{name}: importances hold NaN or inf in {imp.invalid[:3]}; nothing was changed")
+            alpha = _supreme_assd_alpha(fabric, imp_f, imp_d, *sizes)
+            fabric.print(f"assd: adaptive selection_weighting (alpha) {alpha:.6f}")
+            params = [p for _, p in net.named_parameters()]
+            with torch.no_grad():
+                jit_unlearn.ops.ssd_dampen_(
+                    params,
+                    [imp_f[n] for n, _ in net.named_parameters()],
+                    [imp_d[n] for n, _ in net.named_parameters()],
+                    alpha,
+                    lam,
+                    1.0,
+                )
+        else:
+            run = jit_unlearn.lf_ssd if kind == "output_norm" else jit_unlearn.ssd
+            run(net, forget, full, alpha=alpha, lam=lam, per_sample=per_sample, progress=False)
+    return placed
+
+
+def ssd(
+    fabric,
+    num_gpus: int,
+    wandb_logging_flag: bool,
+    model: torch.nn.Module,
+    forget_train_dataloader,
+    full_train_dataloader,
+    dampening_constant: float,
+    selection_weighting: float,
+    **kwargs,
+) -> torch.nn.Module:
+    """SUPREME's `ssd`: Selective Synaptic Dampening with lambda = dampening_constant and alpha =
+    selection_weighting (> 0); importances are batch averages of squared cross-entropy gradients on
+    the forget and the full training loaders, model in eval mode.  Returns the (Fabric-set-up) model."""
+    return _ssd_family(
+        "ssd",
+        fabric,
+        wandb_logging_flag,
+        model,
+        forget_train_dataloader,
+        full_train_dataloader,
+        dampening_constant,
+        selection_weighting,
+        kwargs,
+        kind="fisher",
+        per_sample=False,
+    )
+
+
+def lfssd(
+    fabric,
+    num_gpus: int,
+    wandb_logging_flag: bool,
+    model: torch.nn.Module,
+    forget_train_dataloader,
+    full_train_dataloader,
+    dampening_constant: float,
+    selection_weighting: float,
+    **kwargs,
+) -> torch.nn.Module:
+    """SUPREME's `lfssd`: `ssd` with the label-free importances (|gradient| of mean_i ||f(x_i)||^2)."""
+    return _ssd_family(
+        "lfssd",
+        fabric,
+        wandb_logging_flag,
+        model,
+        forget_train_dataloader,
+        full_train_dataloader,
+        dampening_constant,
+        selection_weighting,
+        kwargs,
+        kind="output_norm",
+        per_sample=False,
+    )
+
+
+def ssd_det(
+    fabric,
+    num_gpus: int,
+    wandb_logging_flag: bool,
+    model: torch.nn.Module,
+    forget_train_dataloader,
+    full_train_dataloader,
+    dampening_constant: float,
+    selection_weighting: float,
+    **kwargs,
+) -> torch.nn.Module:
+    """SUPREME's `ssd_det`: `ssd` with per-sample importances (1/n) sum_i g_i^2, independent of batching."""
+    return _ssd_family(
+        "ssd_det",
+        fabric,
+        wandb_logging_flag,
+        model,
+        forget_train_dataloader,
+        full_train_dataloader,
+        dampening_constant,
+        selection_weighting,
+        kwargs,
+        kind="fisher",
+        per_sample=True,
+    )
+
+
+def lfssd_det(
+    fabric,
+    num_gpus: int,
+    wandb_logging_flag: bool,
+    model: torch.nn.Module,
+    forget_train_dataloader,
+    full_train_dataloader,
+    dampening_constant: float,
+    selection_weighting: float,
+    **kwargs,
+) -> torch.nn.Module:
+    """SUPREME's `lfssd_det`: `lfssd` with per-sample importances (1/n) sum_i |g_i|."""
+    return _ssd_family(
+        "lfssd_det",
+        fabric,
+        wandb_logging_flag,
+        model,
+        forget_train_dataloader,
+        full_train_dataloader,
+        dampening_constant,
+        selection_weighting,
+        kwargs,
+        kind="output_norm",
+        per_sample=True,
+    )
+
+
+def assd(
+    fabric,
+    num_gpus: int,
+    wandb_logging_flag: bool,
+    model: torch.nn.Module,
+    forget_train_dataloader,
+    full_train_dataloader,
+    dampening_constant: float,
+    selection_weighting: float,
+    **kwargs,
+) -> torch.nn.Module:
+    """SUPREME's `assd`: SSD with alpha chosen from the importances (see the module docstring);
+    `selection_weighting` is only the logged initial value, lambda is `dampening_constant`."""
+    return _ssd_family(
+        "assd",
+        fabric,
+        wandb_logging_flag,
+        model,
+        forget_train_dataloader,
+        full_train_dataloader,
+        dampening_constant,
+        selection_weighting,
+        kwargs,
+        kind="fisher",
+        per_sample=False,
+    )
+
+
+# ---------------------------------------------------------------- JiT
+
+
+class _EvalTwin:
+    """An eval-mode copy of a module that shares its parameters and owns copies of its buffers;
+    `sync()` copies the persistent buffers (what `load_state_dict` would load) from the original."""
+
+    def __init__(self, module: torch.nn.Module):
+        shared = {id(p): p for p in module.parameters()}
+        self.module = copy.deepcopy(module, memo=shared).eval()
+        persistent = set(module.state_dict(keep_vars=True))
+        mine = dict(self.module.named_buffers())
+        self.pairs = [(mine[n], b) for n, b in module.named_buffers() if n in persistent and n in mine]
+
+    def sync(self) -> None:
+        with torch.no_grad():
+            for dst, src in self.pairs:
+                dst.copy_(src)
+
+
+def _noisy(x: torch.Tensor, sigma: float, device) -> torch.Tensor:
+    """SUPREME's Gaussian perturbation: x + randn * sigma + mean (mean 0), clamped to [min(x), max(x)];
+    the noise comes from the global CPU generator in x's shape and is then moved to `device`."""
+    hi, lo = x.max(), x.min()
+    return torch.clamp(x + torch.randn(x.size()).to(device) * sigma + 0.0, min=lo, max=hi)
+
+
+def _supreme_jit_epoch(fabric, wrapped, twin: _EvalTwin, sgd, loader, n_samples: int, sigma: float, device):
+    """One pass of SUPREME's JiT loop; returns (sum of batch losses as a tensor, batches)."""
+    wrapped.train()
+    loss_sum, batches = torch.zeros((), dtype=torch.float64, device=device), 0
+    for batch in loader:
+        x = batch_input(batch, "forget_train_dataloader")
+        image = x.unsqueeze(0) if x.dim() == 3 else x
+        sgd.zero_grad()
+        twin.sync()
+        out = wrapped(image)
+        rows = image.size(0)
+        flat = image.reshape(rows, -1)
+        loss = torch.tensor(0.0, device=device)
+        for _ in range(n_samples):
+            x2 = _noisy(x.clone(), sigma, device)
+            image2 = x2.unsqueeze(0) if x2.dim() == 3 else x2
+            with torch.no_grad():
+                out2 = twin.module(image2)
+            in_norm = torch.linalg.vector_norm(flat - image2.reshape(image2.size(0), -1), dim=1)
+            out_norm = torch.linalg.vector_norm(out - out2, dim=1)
+            loss += (out_norm / in_norm).sum().abs()
+        loss /= n_samples
+        fabric.backward(loss)
+        sgd.step()
+        loss_sum += loss.detach()
+        batches += 1
+    return loss_sum, batches
+
+
+def jit(
+    fabric,
+    num_gpus: int,
+    wandb_logging_flag: bool,
+    model: torch.nn.Module,
+    forget_train_dataloader,
+    n_epochs: int = 1,
+    n_samples: int = 10,
+    learning_rate: float = 0.001,
+    jit_weighting: float = 0.1,
+    **kwargs,
+) -> torch.nn.Module:
+    """SUPREME's `jit` (zero-shot Lipschitz unlearning) for `n_epochs` passes over the forget loader.
+
+    Per batch x: gradients zeroed; f(x) with the model in train mode; N = n_samples perturbed
+    copies clamp(x + jit_weighting * randn, min(x), max(x)) (torch.randn, global CPU generator) go
+    through an eval-mode copy of the model as it was at the start of the batch; loss =
+    (1/N) sum_n |sum_i ||f(x_i) - f'(x~_ni)|| / ||x_i - x~_ni|| |; fabric.backward; one SGD step
+    with learning_rate.  The model is left in train mode.  Returns the Fabric-set-up model.
+    A run that would write inf or NaN into the parameters raises FloatingPointError instead.
+    """
+    _check_fabric(fabric)
+    check_int(n_epochs, "n_epochs", low=0)
+    check_int(n_samples, "n_samples", low=1)
+    lr = check_real(learning_rate, "learning_rate", low=0.0)
+    sigma = check_real(jit_weighting, "jit_weighting", low=0.0, strict=True)
+    loader = _check_loader(forget_train_dataloader, "forget_train_dataloader")
+    mode = kwargs.get("jit_unlearn_mode", "supreme")
+    if mode not in ("supreme", "default"):
+        raise ValueError(f"jit_unlearn_mode: expected 'supreme' or 'default', got {mode!r}")
+    raw = unwrap(check_module(model))
+    if not trainable(raw):
+        raise ValueError("model: has no trainable parameters")
+    sgd = torch.optim.SGD(raw.parameters(), lr=lr)
+    wrapped, sgd = fabric.setup(raw, sgd)
+    net, device = unwrap(wrapped), fabric.device
+    with restore_on_failure(net):
+        if mode == "default":
+            seed = kwargs.get("seed", 0)
+            for epoch in range(n_epochs):
+                inputs = (batch_input(b, "forget_train_dataloader") for b in loader)
+                jit_unlearn.jit(
+                    net, inputs, sigma=sigma, lr=lr, num_samples=n_samples, seed=seed + epoch, progress=False
+                )
+            return wrapped
+        twin = _EvalTwin(net)
+        for epoch in range(n_epochs):
+            loss_sum, batches = _supreme_jit_epoch(fabric, wrapped, twin, sgd, loader, n_samples, sigma, device)
+            totals = torch.stack([loss_sum, torch.tensor(float(batches), dtype=torch.float64, device=device)])
+            reduced = fabric.all_reduce(totals)
+            total_loss, total_batches = (totals if reduced is None else reduced).tolist()
+            fabric.print(f"JIT epoch {epoch + 1}/{n_epochs}: mean loss {total_loss / max(total_batches, 1):.6f}")
+        if not all_finite(net.parameters()):
+            raise FloatingPointError(
+                "jit: the SGD steps wrote inf or NaN into the parameters; the model was "
+                "restored.  A smaller learning_rate or a larger jit_weighting may help"
+            )
+    return wrapped
+
+
+# ---------------------------------------------------------------- registration with SUPREME
+
+
+def _names(methods) -> list[str]:
+    names = list(METHODS) if methods in (None, "all") else list(methods)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"methods: unknown names {unknown}; choose from {list(METHODS)}")
+    return names
+
+
+def register(methods=None) -> list[str]:
+    """Route SUPREME's methods of these names to this module, through its runtime registry
+    (`supreme.register_unlearning_method`), for the current process.
+
+    Args:
+        methods: an iterable of names from METHODS, or None / "all" for every one.
+    Returns:
+        the names registered.
+    """
+    names = _names(methods)
+    try:
+        import supreme
+    except ImportError as exc:
+        raise ImportError("register: SUPREME is not installed (pip install supreme-unlearning)") from exc
+    for name in names:
+        supreme.register_unlearning_method(name, f"{__name__}:{name}")
+    return names
+
+
+def plugin_setup() -> None:
+    """The `supreme.plugins` entry point: registers the methods listed in the environment variable
+    JIT_UNLEARN_SUPREME ("all", or names separated by commas); nothing when it is unset or empty."""
+    value = os.environ.get(ENV_VAR, "").strip()
+    if not value:
+        return
+    try:
+        names = _names("all" if value == "all" else [v.strip() for v in value.split(",") if v.strip()])
+    except ValueError as exc:
+        raise ValueError(f"{ENV_VAR}={value!r}: {exc}") from None
+    register(names)
