@@ -32,6 +32,7 @@ _LAZY = {
     "Mask": ".methods.deletion",
     "del_unlearn": ".methods.deletion",
     "masked_finetune": ".methods.deletion",
+    "FinetuneObjective": ".methods.deletion",
     "DELReport": ".methods.deletion",
     "FinetuneReport": ".methods.deletion",
 }
