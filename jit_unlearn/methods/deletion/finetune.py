@@ -1,5 +1,6 @@
-"""DEL's masked fine-tuning: SGD that moves only the masked entries (and a fully trained head), with
-the "finetune", "neggrad_plus" and "relabel" objectives."""
+"""DEL's masked fine-tuning: SGD that moves only the masked entries (and a fully trained head), or
+every entry without a mask, with the "finetune", "neggrad_plus" and "relabel" objectives or a
+FinetuneObjective (a loss callable per step, optional forget passes)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from ..._utils import (
 )
 from ..._utils import progress as _progress
 from .mask import Mask
+from .objective import FinetuneObjective
 from .reference import check_mode, reference_batches, run_reference_finetune
 
 __all__ = ["masked_finetune", "FinetuneReport", "OBJECTIVES"]
@@ -74,9 +76,13 @@ def _cycle(batches) -> Iterator:
             raise ValueError("forget: yields no batches (empty)")
 
 
+def _xy(batch, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch_input(batch, name=name).to(device), batch_labels(batch, name=name).to(device)
+
+
 def run_finetune(
     model,
-    mask: Mask,
+    mask: Mask | None,
     retain_batches,
     forget_batches,
     *,
@@ -90,15 +96,21 @@ def run_finetune(
     head_names,
     show,
 ) -> FinetuneReport:
-    """SGD with momentum and cosine annealing (to 0.01·lr over every step) on the masked entries.
+    """SGD with momentum and cosine annealing (to 0.01·lr over every step) on the masked entries
+    (on every trainable entry when `mask` is None).
 
     Unmasked entries stay bitwise fixed by construction, at the cost of one `where` per masked tensor
     per step: the L2 term is added to the gradient and the result is zeroed outside the mask before it
     reaches the momentum buffer.  The buffer of an unmasked entry is then exactly 0 forever
     (0·momentum + 0), and p + (−lr)·0 = p + (−0) = p in IEEE arithmetic for every p, so neither weight
     decay nor momentum can move it.  This is cheaper than restoring from a saved copy (no second copy
-    of the model, no extra full-tensor pass) and needs no assumption about torch.optim internals."""
+    of the model, no extra full-tensor pass) and needs no assumption about torch.optim internals.
+
+    `objective` is a name of OBJECTIVES or a FinetuneObjective, whose forget passes count in the
+    schedule's steps and share the momentum buffers."""
     start = time.perf_counter()
+    custom = objective if isinstance(objective, FinetuneObjective) else None
+    label = custom.name if custom is not None else objective
     device = model_device(model)
     named = dict(model.named_parameters())
     head = set(head_names)
@@ -106,63 +118,80 @@ def run_finetune(
     for name, p in named.items():
         if not p.requires_grad:
             continue
-        if name in head:
+        if mask is None or name in head:
             train.append((p, None))
         elif name in mask and bool(mask[name].any()):
             train.append((p, mask[name].to(p.device)))
     trainable = sum(p.numel() if m is None else int(m.sum()) for p, m in train)
     steps_per_epoch = len(retain_batches)
-    total_steps = epochs * steps_per_epoch
+    pass_epochs = min(custom.pass_epochs, epochs) if custom is not None else 0
+    total_steps = epochs * steps_per_epoch + (pass_epochs * len(forget_batches) if pass_epochs else 0)
     if not train or total_steps == 0:
-        return FinetuneReport(objective, epochs, 0, trainable, None, time.perf_counter() - start)
+        return FinetuneReport(label, epochs, 0, trainable, None, time.perf_counter() - start)
     params = [p for p, _ in train]
     buffers: list[torch.Tensor | None] = [None] * len(train)
     eta_min = 0.01 * lr
     rng = torch.Generator().manual_seed(seed)
-    forget_iter = _cycle(forget_batches) if objective != "finetune" else None
+    pair = custom.pair_forget if custom is not None else objective != "finetune"
+    forget_iter = _cycle(forget_batches) if pair else None
     step, final_loss = 0, None
+
+    def sgd_step(loss: torch.Tensor) -> None:
+        nonlocal step
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        lr_t = eta_min + 0.5 * (lr - eta_min) * (1.0 + math.cos(math.pi * step / total_steps))
+        with torch.no_grad():
+            for i, ((p, m), g) in enumerate(zip(train, grads)):
+                if g is None:
+                    g = torch.zeros_like(p)
+                if weight_decay:
+                    g = g.add(p, alpha=weight_decay)
+                if m is not None:
+                    g = torch.where(m, g, 0.0)
+                if buffers[i] is None or momentum == 0:
+                    buffers[i] = g  # a fresh tensor: autograd.grad's result or a new one
+                else:
+                    buffers[i].mul_(momentum).add_(g)
+                p.add_(buffers[i], alpha=-lr_t)
+        step += 1
+
+    def check_finite(loss: float) -> None:
+        if not math.isfinite(loss) or not params_finite(params):
+            raise RuntimeError(f"masked_finetune: training diverged (loss {loss}); lower lr. The model was restored.")
+
+    desc = f"DEL {label}" if mask is not None else label
     with module_mode(model, True):
-        for _ in _progress(range(epochs), enabled=show, desc=f"DEL {objective}"):
+        for epoch in _progress(range(epochs), enabled=show, desc=desc):
+            if epoch < pass_epochs:
+                pass_sum = torch.zeros((), dtype=torch.float64, device=device)
+                for fb in forget_batches:
+                    loss = custom.forget_pass_loss(model, *_xy(fb, "forget", device))
+                    sgd_step(loss)
+                    pass_sum += loss.detach()
+                check_finite(float(pass_sum))
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             for batch in retain_batches:
-                x = batch_input(batch, name="retain").to(device)
-                y = batch_labels(batch, name="retain").to(device)
-                loss = F.cross_entropy(check_logits(model(x), x.shape[0]), y)
-                if forget_iter is not None:
-                    fb = next(forget_iter)
-                    xf = batch_input(fb, name="forget").to(device)
-                    yf = batch_labels(fb, name="forget").to(device)
-                    out_f = check_logits(model(xf), xf.shape[0])
-                    if objective == "neggrad_plus":
-                        loss = loss - beta * F.cross_entropy(out_f, yf)
-                    else:
-                        k = out_f.shape[1]
-                        shift = torch.randint(1, max(k, 2), yf.shape, generator=rng).to(device)
-                        loss = loss + F.cross_entropy(out_f, (yf + shift) % k)
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-                lr_t = eta_min + 0.5 * (lr - eta_min) * (1.0 + math.cos(math.pi * step / total_steps))
-                with torch.no_grad():
-                    for i, ((p, m), g) in enumerate(zip(train, grads)):
-                        if g is None:
-                            g = torch.zeros_like(p)
-                        if weight_decay:
-                            g = g.add(p, alpha=weight_decay)
-                        if m is not None:
-                            g = torch.where(m, g, 0.0)
-                        if buffers[i] is None or momentum == 0:
-                            buffers[i] = g  # a fresh tensor: autograd.grad's result or a new one
+                x, y = _xy(batch, "retain", device)
+                if custom is not None:
+                    xf, yf = _xy(next(forget_iter), "forget", device) if forget_iter is not None else (None, None)
+                    loss = custom.step_loss(model, x, y, xf, yf)
+                else:
+                    loss = F.cross_entropy(check_logits(model(x), x.shape[0]), y)
+                    if forget_iter is not None:
+                        xf, yf = _xy(next(forget_iter), "forget", device)
+                        out_f = check_logits(model(xf), xf.shape[0])
+                        if objective == "neggrad_plus":
+                            loss = loss - beta * F.cross_entropy(out_f, yf)
                         else:
-                            buffers[i].mul_(momentum).add_(g)
-                        p.add_(buffers[i], alpha=-lr_t)
+                            k = out_f.shape[1]
+                            shift = torch.randint(1, max(k, 2), yf.shape, generator=rng).to(device)
+                            loss = loss + F.cross_entropy(out_f, (yf + shift) % k)
+                sgd_step(loss)
                 loss_sum += loss.detach()
-                step += 1
             final_loss = float(loss_sum) / steps_per_epoch
-            if not math.isfinite(final_loss) or not params_finite(params):
-                raise RuntimeError(
-                    f"masked_finetune: training diverged (loss {final_loss}); lower lr. The model was restored."
-                )
+            check_finite(final_loss)
     checks.sync(device)
-    return FinetuneReport(objective, epochs, step, trainable, final_loss, time.perf_counter() - start)
+    return FinetuneReport(label, epochs, step, trainable, final_loss, time.perf_counter() - start)
 
 
 def reference_finetune(model, mask: Mask, retain_batches, forget_batches, **kwargs) -> FinetuneReport:
@@ -174,7 +203,8 @@ def reference_finetune(model, mask: Mask, retain_batches, forget_batches, **kwar
 
 def check_finetune_args(lr, epochs, momentum, weight_decay, beta, seed, objective) -> None:
     """The fine-tuning arguments of `masked_finetune` and `del_unlearn`."""
-    checks.choice(objective, "objective", OBJECTIVES)
+    if not isinstance(objective, FinetuneObjective):
+        checks.choice(objective, "objective", OBJECTIVES)
     checks.real(lr, "lr", low=0.0, low_open=True)
     checks.integer(epochs, "epochs", low=0)
     checks.real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
@@ -183,7 +213,7 @@ def check_finetune_args(lr, epochs, momentum, weight_decay, beta, seed, objectiv
     checks.integer(seed, "seed", low=0)
 
 
-def finetune_batches(retain, forget, objective: str, batch_size: int, seed: int):
+def finetune_batches(retain, forget, objective, batch_size: int, seed: int):
     """(retain batches, forget batches or None) for a fine-tuning run, seeded and checked for labels."""
     retain_batches = seeded_batches(retain, batch_size, "retain", shuffle=True, seed=seed)
     try:
@@ -192,21 +222,30 @@ def finetune_batches(retain, forget, objective: str, batch_size: int, seed: int)
         raise TypeError("retain: must have a length (a DataLoader, Dataset or tensor) to run several epochs") from None
     check_labelled(retain_batches, "retain")
     forget_batches = None
-    if objective != "finetune":
+    custom = objective if isinstance(objective, FinetuneObjective) else None
+    if custom.uses_forget if custom is not None else objective != "finetune":
         if forget is None:
-            raise ValueError(f"forget: is required for objective={objective!r}")
+            label = custom.name if custom is not None else objective
+            raise ValueError(f"forget: is required for objective={label!r}")
         forget_batches = seeded_batches(forget, batch_size, "forget", shuffle=True, seed=seed + 1)
+        if custom is not None and custom.pass_epochs > 0:
+            try:
+                len(forget_batches)
+            except TypeError:
+                raise TypeError(
+                    "forget: must have a length (a DataLoader, Dataset or tensor) for the forget passes"
+                ) from None
         check_labelled(forget_batches, "forget")
     return retain_batches, forget_batches
 
 
 def masked_finetune(
     model: nn.Module,
-    mask: Mask,
+    mask: Mask | None,
     retain,
     *,
     forget=None,
-    objective: str = "finetune",
+    objective: str | FinetuneObjective = "finetune",
     lr: float,
     epochs: int,
     batch_size: int = 128,
@@ -221,12 +260,17 @@ def masked_finetune(
     """Train only the masked entries of `model` (plus the `head` module fully), in place.
 
     Args:
-        mask: Mask from `localize` (or built by hand) matching the model's parameter names/shapes.
+        mask: Mask from `localize` (or built by hand) matching the model's parameter names/shapes;
+            None trains every trainable parameter (plain fine-tuning; default mode only).
         retain: (x, y) batches (DataLoader used as is; tensors / Datasets are shuffled with `seed`).
-        forget: (x, y) batches, needed by "neggrad_plus" and "relabel" (cycled, one per retain step).
+        forget: (x, y) batches, needed by "neggrad_plus" and "relabel" (cycled, one per retain step)
+            and by a FinetuneObjective that reads them (tensors / Datasets shuffled with seed + 1).
         objective: "finetune": CE(retain); "neggrad_plus": CE(retain) − beta·CE(forget);
-            "relabel": CE(retain) + CE(forget with labels y + U{1..K−1} mod K, redrawn each step).
-        lr, epochs: SGD learning rate (cosine-annealed to 0.01·lr over epochs·len(retain) steps).
+            "relabel": CE(retain) + CE(forget with labels y + U{1..K−1} mod K, redrawn each step);
+            or a FinetuneObjective: a loss callable per step and optional passes over the forget set
+            (default mode only).
+        lr, epochs: SGD learning rate, cosine-annealed to 0.01·lr over all steps: epochs·len(retain),
+            plus the forget-pass steps of a FinetuneObjective.
         momentum, weight_decay: SGD momentum (buffer starts at the first gradient) and L2 penalty;
             neither ever moves an unmasked entry: unmasked entries stay bitwise unchanged.
         beta: weight of the forget ascent term of "neggrad_plus" (>= 0; small, since the negated
@@ -242,12 +286,15 @@ def masked_finetune(
     Returns:
         FinetuneReport(objective, epochs, steps, trainable entries, final_loss, seconds).
     """
-    if not isinstance(mask, Mask):
-        raise TypeError(f"mask: expected a jit_unlearn.Mask, got {type(mask).__name__}")
+    if mask is not None and not isinstance(mask, Mask):
+        raise TypeError(f"mask: expected a jit_unlearn.Mask or None, got {type(mask).__name__}")
     check_finetune_args(lr, epochs, momentum, weight_decay, beta, seed, objective)
     checks.integer(batch_size, "batch_size", low=1)
     check_mode(mode, objective=objective)
-    mask.check(model)
+    if mask is None and mode == "reference":
+        raise ValueError("mask: mode='reference' fine-tunes a Mask; pass one (all True for every entry)")
+    if mask is not None:
+        mask.check(model)
     head_names = head_parameter_names(model, head)
     if mode == "reference":
         retain_batches = reference_batches(retain, batch_size, "retain", shuffle=True, seed=seed)
