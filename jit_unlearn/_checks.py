@@ -158,6 +158,19 @@ def tensor_lists(lists: Sequence, names: Sequence[str], *, floating: Sequence[st
                 float_tensor(t, f"{name}[{i}]")
 
 
+def writable(tensors: Sequence[torch.Tensor], name: str) -> None:
+    """Every tensor can be updated in place: none has several elements on one memory location (an
+    expanded tensor, say), which an in-place write cannot give distinct values.  Checked for the
+    whole list before any op writes, so a refusal leaves every tensor as it was."""
+    for i, t in enumerate(tensors):
+        if torch._debug_has_internal_overlap(t) == 1:  # 1: overlap for sure (0: none, 2: too hard to tell)
+            raise ValueError(
+                f"{name}[{i}]: several of its elements share one memory location (e.g. an expanded "
+                f"tensor of shape {tuple(t.shape)}, strides {t.stride()}), so it cannot be updated in place; "
+                "pass a tensor with its own storage (e.g. .clone())"
+            )
+
+
 def list_device(tensors: Sequence[torch.Tensor]) -> torch.device:
     """The one device of a list of tensors (CPU for an empty list)."""
     devices = {t.device for t in tensors}

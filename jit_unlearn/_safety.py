@@ -12,9 +12,9 @@ from typing import TypeVar
 import torch
 
 from . import _checks as checks
-from ._utils import ModelState
+from ._utils import ModelState, logits_of
 
-__all__ = ["Snapshot", "protected", "all_finite", "BatchChecks"]
+__all__ = ["Snapshot", "protected", "all_finite", "BatchChecks", "LabelTap"]
 
 T = TypeVar("T")
 _FUSED_CHECK_DTYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
@@ -241,3 +241,36 @@ class BatchChecks:
             f"{checks.batch_name(self.name, batch)} has labels outside [0, {k}) for a model with {k} outputs "
             "(ignore_index labels are not supported: drop those samples)"
         )
+
+
+class LabelTap:
+    """Checks a batch's labels against the logits of the model's forward on that batch's inputs, from a
+    forward hook, so the check comes before a loss written elsewhere (a `FinetuneObjective`) reads
+    them.  `expect(x, y, data, index)` registers a batch; `remove()` takes the hook off.
+
+    Args:
+        model: the model whose top-level forward is watched.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self._expected: dict[int, tuple] = {}
+        self._handle = model.register_forward_hook(self._hook)
+
+    def expect(self, x: torch.Tensor, y: torch.Tensor, data: BatchChecks, index: int) -> None:
+        """Check `y` when the model next runs on `x` (the same tensor object)."""
+        self._expected[id(x)] = (x, y, data, index)
+
+    def _hook(self, module, args, output) -> None:
+        if not args or not isinstance(args[0], torch.Tensor):
+            return
+        entry = self._expected.get(id(args[0]))
+        if entry is None or entry[0] is not args[0]:
+            return
+        x, y, data, index = entry
+        logits = logits_of(output)
+        if isinstance(logits, torch.Tensor) and logits.dim() == 2:
+            data.labels(y, index, x.shape[0], logits.shape[1])
+
+    def remove(self) -> None:
+        self._handle.remove()
+        self._expected.clear()

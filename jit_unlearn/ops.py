@@ -3,7 +3,8 @@ device (the compiled op or its pure-PyTorch twin in `torch_ops`).
 
 Every function here accepts float32 and float64 tensors, and half / bfloat16 tensors with float32
 arithmetic inside; non-contiguous inputs are handled (made contiguous); empty tensors are fine.
-Bad shapes, dtypes, devices or values raise ValueError / TypeError naming the argument.
+Bad shapes, dtypes, devices or values raise ValueError / TypeError naming the argument, before
+anything is written; so does an in-place target with overlapping elements (an expanded tensor).
 Other tools may also call the compiled ops directly as ``torch.ops.jit_unlearn.<name>``.
 """
 
@@ -145,6 +146,7 @@ def accumulate_importance_(
     checks.tensor_lists([acc, grads], ["acc", "grads"], floating=["grads"])
     checks.choice(mode, "mode", ("square", "abs"))
     scale = checks.real(scale, "scale")
+    checks.writable(acc, "acc")
     if not acc:
         return
     accumulate = _backend.kernel("accumulate_importance_", checks.list_device(acc))
@@ -174,6 +176,7 @@ def ssd_dampen_(
     alpha = checks.real(alpha, "alpha", low=0.0)
     lam = checks.real(lam, "lam", low=0.0)
     exponent = checks.real(exponent, "exponent")
+    checks.writable(params, "params")
     if not params:
         return torch.zeros(0, dtype=torch.int64)
     dampen = _backend.kernel("ssd_dampen_", checks.list_device(params))
@@ -188,6 +191,7 @@ def masked_reset_(params: Sequence[torch.Tensor], init: Sequence[torch.Tensor], 
     for i, m in enumerate(masks):
         if m.dtype != torch.bool:
             raise TypeError(f"masks[{i}]: expected a torch.bool tensor, got {m.dtype}")
+    checks.writable(params, "params")
     if not params:
         return
     reset = _backend.kernel("masked_reset_", checks.list_device(params))

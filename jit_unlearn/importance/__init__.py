@@ -11,10 +11,10 @@ from .. import distributed
 from .._safety import BatchChecks
 from .._utils import as_batches, module_mode
 from .batch_pass import batch_pass
-from .container import KINDS, Importances, model_fingerprint
+from .container import KINDS, Importances, model_fingerprint, weights_digest
 from .per_sample import DEFAULT_MAX_BATCH_ELEMS, per_sample_pass
 
-__all__ = ["Importances", "importances", "model_fingerprint", "KINDS", "DEFAULT_MAX_BATCH_ELEMS"]
+__all__ = ["Importances", "importances", "model_fingerprint", "weights_digest", "KINDS", "DEFAULT_MAX_BATCH_ELEMS"]
 
 
 def importances(
@@ -48,7 +48,8 @@ def importances(
         name: what error messages call the data.
     Returns:
         Importances with one tensor per named parameter (its shape and dtype, on its device);
-        parameters that get no gradient (frozen or unused) have zero importance.
+        parameters that get no gradient (frozen or unused) have zero importance.  Its `weights`
+        records `weights_digest(model)`, so a saved copy is refused by a model with other weights.
     Under torch.distributed (e.g. torchrun), each rank reads its share of the batches
     (`distributed.shard_batches`), and every rank gets the result over all of them
     (docs/DISTRIBUTED.md).
@@ -64,6 +65,7 @@ def importances(
     acc = {n: torch.zeros_like(p, memory_format=torch.contiguous_format) for n, p in named}
     distributed.check_same_model(model)
     data = BatchChecks(name)
+    weights = weights_digest(model)
     with module_mode(model, False), torch.enable_grad():
         if per_sample:
             budget = max_batch_elems or DEFAULT_MAX_BATCH_ELEMS
@@ -78,4 +80,6 @@ def importances(
             raise ValueError(f"{name}: yields no batches (empty)")
     divisor = float(num_samples if per_sample else num_batches)
     torch._foreach_div_(list(acc.values()), divisor)  # true division by the count, as the published code does
-    return Importances(acc, kind=kind, per_sample=per_sample, num_samples=num_samples, num_batches=num_batches)
+    return Importances(
+        acc, kind=kind, per_sample=per_sample, num_samples=num_samples, num_batches=num_batches, weights=weights
+    )

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import _checks as checks
-from ..._safety import BatchChecks, all_finite
+from ..._safety import BatchChecks
 from ..._utils import batch_input, batch_labels, check_logits, model_device, module_mode, seeded_batches
 from ..._utils import progress as _progress
 from .mask import Mask
@@ -58,8 +58,6 @@ def _element_scores(
     if seen == 0:
         raise ValueError("forget: yields no batches (empty)")
     data.verify()
-    if not all_finite(acc):
-        raise FloatingPointError("forget: the gradient sums that score the entries overflowed (NaN or inf)")
     # S sums the gradients of L_b = -CE_b; the negation is exact, so |S| and |θ ⊙ S| need no sign.
     if criterion == "weighted_grad":
         return [a.mul_(p.detach()).abs_() for a, p in zip(acc, params)]
