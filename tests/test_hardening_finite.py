@@ -216,3 +216,41 @@ def test_snapshot_finds_only_newly_non_finite_values():
     assert sorted(snap.newly_non_finite()) == ["0.weight", "1.running_var", "mask"]
     snap.restore()
     assert snap.newly_non_finite() == [] and not snap.changed()
+
+
+@pytest.mark.parametrize("name", ["finetune", "neggrad_plus", "random_label", "bad_teacher", "scrub"])
+def test_baselines_check_parameters_and_buffers_after_the_last_step(name, monkeypatch):
+    # the last SGD step of the loop writes a NaN (a faulty step): the baseline raises, the model comes back
+    from jit_unlearn import baselines
+    from jit_unlearn.methods.deletion import finetune as loop
+
+    real = loop.run_finetune
+
+    def last_step_broken(model, *args, **kwargs):
+        report = real(model, *args, **kwargs)
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] = float("inf")
+        return report
+
+    monkeypatch.setattr(loop, "run_finetune", last_step_broken)
+    model = _mlp()
+    saved = _snapshot(model)
+    data = TensorDataset(_X, _Y)
+    with pytest.raises(FloatingPointError, match=rf"{name}: the run wrote non-finite values .*\['0.weight'\]"):
+        getattr(baselines, name)(model, data, data, epochs=1, batch_size=4, progress=False)
+    assert _same(model, saved)
+
+
+def test_baselines_name_data_with_nan():
+    from jit_unlearn import baselines
+
+    x = torch.cat(_nan_batches(1))
+    y = torch.arange(12) % 3
+    model = _mlp()
+    saved = _snapshot(model)
+    with pytest.raises(ValueError, match=r"retain: batch 1 \(counting from 0\) holds NaN or inf"):
+        baselines.finetune(model, None, DataLoader(TensorDataset(x, y), batch_size=4), epochs=1, progress=False)
+    with pytest.raises(ValueError, match=r"forget: batch 1 \(counting from 0\) holds NaN or inf"):
+        baselines.scrub(model, DataLoader(TensorDataset(x, y), batch_size=4), TensorDataset(torch.randn(12, 4), y),
+                        epochs=1, batch_size=4, progress=False)  # fmt: skip
+    assert _same(model, saved)

@@ -14,6 +14,7 @@ from torch.utils.data import TensorDataset
 
 import jit_unlearn as ju
 from interrupts import count_events, interrupted, points
+from jit_unlearn.baselines import bad_teacher, neggrad_plus, scrub
 from jit_unlearn.methods.deletion import Mask
 
 
@@ -56,6 +57,9 @@ _CALLS = {
     "del_reference": lambda m: ju.del_unlearn(
         m, _FORGET, _FULL, init=_INIT, epochs=1, batch_size=3, mode="reference", progress=False
     ),
+    "baseline_scrub": lambda m: scrub(m, _FORGET, _FULL, epochs=1, batch_size=3, progress=False),
+    "baseline_bad_teacher": lambda m: bad_teacher(m, _FORGET, _FULL, epochs=1, batch_size=3, progress=False),
+    "baseline_neggrad_plus": lambda m: neggrad_plus(m, _FORGET, _FULL, epochs=1, batch_size=3, progress=False),
     "masked_finetune": lambda m: ju.masked_finetune(
         m, _mask(m), _FULL, forget=_FORGET, objective="neggrad_plus", lr=0.05, epochs=1, batch_size=3, progress=False
     ),
@@ -106,7 +110,7 @@ def test_an_interrupt_at_any_step_leaves_the_model_whole_or_returns(name, one_th
     total = count_events(lambda: call(clean))
     assert total > 100
     interrupted_runs = returned = 0
-    for at in points(total, tail=40, stride=max(1, total // 24)):
+    for at in points(total, tail=30, stride=max(1, total // 16)):
         model = _prepared(name)
         saved = _state(model)
         report, where = interrupted(lambda m=model: call(m), at)

@@ -158,3 +158,18 @@ def test_checks_labels_values():
     assert y.tolist() == [-5, 9] and flag is None  # no K yet: shape and dtype only
     with pytest.raises(ValueError, match=r"d: batch 4 \(counting from 0\): label -5 is outside \[0, 3\)"):
         checks.labels(torch.tensor([-5, 9]), "d", batch=4, batch_size=2, num_classes=3)
+
+
+@pytest.mark.parametrize("name", ["finetune", "neggrad_plus", "random_label", "scrub"])
+@pytest.mark.parametrize("label", [-100, 3])
+def test_baselines_refuse_labels_out_of_range(name, label):
+    # the custom objectives read the labels in their own losses: the check runs before they do
+    # (bad_teacher's loss reads no label, so it has none to refuse)
+    from jit_unlearn import baselines
+
+    model = _mlp()
+    saved = _snapshot(model)
+    retain = TensorDataset(_X, _with(label))
+    with pytest.raises(ValueError, match=rf"retain: batch \d \(counting from 0\): label {label} is outside"):
+        getattr(baselines, name)(model, TensorDataset(_X, _GOOD), retain, epochs=1, batch_size=4, progress=False)
+    assert _same(model, saved)
