@@ -160,14 +160,20 @@ def tensor_lists(lists: Sequence, names: Sequence[str], *, floating: Sequence[st
 
 def writable(tensors: Sequence[torch.Tensor], name: str) -> None:
     """Every tensor can be updated in place: none has several elements on one memory location (an
-    expanded tensor, say), which an in-place write cannot give distinct values.  Checked for the
-    whole list before any op writes, so a refusal leaves every tensor as it was."""
+    expanded tensor, say), which an in-place write cannot give distinct values, and none is an
+    inference tensor outside inference mode.  Checked for the whole list before any op writes, so a
+    refusal leaves every tensor as it was."""
     for i, t in enumerate(tensors):
         if torch._debug_has_internal_overlap(t) == 1:  # 1: overlap for sure (0: none, 2: too hard to tell)
             raise ValueError(
                 f"{name}[{i}]: several of its elements share one memory location (e.g. an expanded "
                 f"tensor of shape {tuple(t.shape)}, strides {t.stride()}), so it cannot be updated in place; "
                 "pass a tensor with its own storage (e.g. .clone())"
+            )
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(
+                f"{name}[{i}]: is an inference tensor (made under torch.inference_mode), which torch lets "
+                "nothing update outside inference mode; clone it, or call the op inside inference mode"
             )
 
 

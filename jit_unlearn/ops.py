@@ -126,13 +126,16 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def _run_inplace(targets: Sequence[torch.Tensor], run):
-    """Call run(list) on in-place targets; strided views (which the kernels reject) go through a
-    dense temporary that is copied back, so every tier accepts the same inputs."""
+    """Call run(list) on in-place targets (checked `writable` by the caller); strided views (which the
+    kernels reject) go through a dense temporary that is copied back without autograd (as the kernels
+    write a parameter that requires grad), so every tier accepts the same inputs and no copy fails
+    after another target was written."""
     work = [t if _dense(t) else t.contiguous() for t in targets]
     result = run(work)
-    for t, w in zip(targets, work):
-        if w is not t:
-            t.copy_(w)
+    with torch.no_grad():
+        for t, w in zip(targets, work):
+            if w is not t:
+                t.copy_(w)
     return result
 
 

@@ -250,7 +250,8 @@ def accumulate_importance_(acc: list[torch.Tensor], grads: list[torch.Tensor], m
         term = go * go if mode == "square" else go.abs()
         if scale != 1.0:
             term = torch.tensor(scale, dtype=op, device=a.device) * term
-        a.copy_((a.to(op) + term).to(a.dtype))
+        with torch.no_grad():  # an in-place op writes as the compiled one does, whatever the grad mode
+            a.copy_((a.to(op) + term).to(a.dtype))
 
 
 def ssd_dampen_(
@@ -277,7 +278,8 @@ def ssd_dampen_(
         # min(w, 1) written so that a NaN factor (only I_f = inf with lam * I_D = inf) keeps theta.
         w = torch.where(w <= 1, w, torch.ones_like(w))
         new = torch.where(selected, p.to(op) * w, p.to(op))
-        p.copy_(new.to(p.dtype))
+        with torch.no_grad():
+            p.copy_(new.to(p.dtype))
         counts.append(selected.sum())
     device = params[0].device if params else torch.device("cpu")
     if not counts:
@@ -288,4 +290,5 @@ def ssd_dampen_(
 def masked_reset_(params: list[torch.Tensor], init: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
     """params[i] = where(masks[i], init[i], params[i])."""
     for p, i, m in zip(params, init, masks):
-        p.copy_(torch.where(m, i.to(p.dtype), p))
+        with torch.no_grad():
+            p.copy_(torch.where(m, i.to(p.dtype), p))
