@@ -31,8 +31,8 @@ def importances(
     """Importances of every parameter of `model` on the data in `loader`, model in eval mode.
 
     Args:
-        model: classifier returning [B, K] logits; its train/eval flags are restored afterwards and
-            its `.grad` fields are left untouched.
+        model: classifier returning [B, K] logits (or an output holding them as `.logits`); its
+            train/eval flags are restored afterwards and its `.grad` fields are left untouched.
         loader: a DataLoader (read in its own order), a Dataset, a tensor of inputs, or an
             iterator of batches; batches are (x, y) / (x, ..., y) tuples, dicts, or bare input
             tensors.  `batch_size` batches a Dataset or tensor (see `_utils.as_batches`).

@@ -274,8 +274,13 @@ def ssd(
         full_importances: precomputed I_D for this model (e.g. `report.full_importances` of an
             earlier call, or `Importances.load`): skips the full-data pass.
         per_sample: SSD-Det per-sample importances instead of the published batch average.
+    The model may return logits [B, K] as a tensor or in an output's `.logits` / "logits" (transformers'
+    classifiers); labels must be integer class indices [B] in [0, K) (ValueError naming the batch
+    otherwise, as for inputs holding NaN or inf).
     Returns:
-        SSDReport.  On any error the model is restored bitwise.
+        SSDReport; `changed` is False, with a RuntimeWarning, when no parameter changed (e.g. no
+        element selected).  On any error (KeyboardInterrupt included) the model and the caller's
+        `.grad` are restored bitwise.
     """
     return _unlearn(
         "ssd",

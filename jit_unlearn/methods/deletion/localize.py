@@ -142,8 +142,9 @@ def localize(
     """Select the ⌊budget·P⌋ parameter entries most critical to the forget set (docs/METHODS.md §3).
 
     Args:
-        model: classifier returning [B, K] logits.  Its trainable floating parameters (P entries in
-            all) are scored; the model is not modified (scoring runs in eval mode, grads are not stored).
+        model: classifier returning [B, K] logits (or an output holding them as `.logits`).  Its
+            trainable floating parameters (P entries in all) are scored; the model is not modified
+            (scoring runs in eval mode, grads are not stored).
         forget: DataLoader / Dataset / tensors yielding (x, y) batches, y int64 [B].  Not read for
             criterion="random" (may be None).
         criterion: "weighted_grad" |θ ⊙ Σ_b ∇θ(−CE_b)| (DEL), "grad" |Σ_b ∇θ CE_b| (SalUn saliency),

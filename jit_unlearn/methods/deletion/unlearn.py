@@ -137,7 +137,7 @@ def del_unlearn(
     """DEL: localize (docs/METHODS.md §3 steps 1-3), reset the selected entries to `init`, fine-tune them on retain.
 
     Args:
-        model: classifier returning [B, K] logits; modified in place.
+        model: classifier returning [B, K] logits (a tensor, or `.logits` / "logits" of its output); modified in place.
         forget, retain: (x, y) batches: DataLoaders (used as is) or tensors / Datasets batched by
             `batch_size` (retain shuffled with `seed`).  y int64 [B].
         init: a freshly initialised copy of the architecture: a state_dict, an nn.Module, or a

@@ -75,8 +75,10 @@ def jit(
     labels are never read.  Starting hyper-parameters: docs/TUNING.md.
 
     Args:
-        model: classifier returning logits [B, K]; float32/float64, or bfloat16/float16 with the
-            loss computed in float32.  Any train/eval mode; BatchNorm, Dropout and in-place ReLU work.
+        model: classifier returning logits [B, K] (a tensor, or an output with a `.logits` tensor or
+            a "logits" key, as transformers' classifiers return); float32/float64, or
+            bfloat16/float16 with the loss computed in float32.  Any train/eval mode; BatchNorm,
+            Dropout and in-place ReLU work.
         forget: DataLoader, Dataset or tensor [M, ...] of forget samples on the model's device.  A
             batch is the input itself when it is a tensor, else its first element (so `x`, `(x, y)`
             and `(x, _, y)` batches work).  Floating inputs are cast to the model's dtype.
@@ -114,15 +116,17 @@ def jit(
     ranks and sums their gradients, so every rank takes the step that one process would take on
     the global batch.  The reference mode runs whole on every rank (docs/DISTRIBUTED.md).
 
-    Safety: the arguments, the first batch and the first output shape are checked before any
-    step; if anything fails (KeyboardInterrupt included) parameters and buffers are restored
-    bitwise.  Non-finite values raise FloatingPointError and the model is restored: reference
-    mode and a caller's optimizer check every step's gradients (and the optimizer's result); the
-    default mode's plain SGD checks the parameters once after the last step (an inf or NaN that
-    reaches a parameter stays there), so its steps run without a host sync.
+    Safety: the arguments (lr must fit the parameters' dtype), the first batch and the first output
+    shape are checked before any step; if anything fails (KeyboardInterrupt included) parameters,
+    buffers, train/eval flags, the caller's `.grad` and a caller's optimizer state are restored
+    bitwise.  Reference mode and a caller's optimizer check every step's gradients (and the
+    optimizer's result); both modes check every parameter and buffer after the last step
+    (FloatingPointError, model restored), so the default mode's plain SGD steps run without a host
+    sync.  A forget batch holding NaN or inf raises ValueError naming the batch.  A run that leaves
+    every parameter bitwise unchanged warns (RuntimeWarning) and reports changed=False.
 
     Returns:
-        JiTReport(steps, samples, seconds, mean_loss, backend, mode).
+        JiTReport(steps, samples, seconds, mean_loss, backend, mode, changed).
     """
     start = time.perf_counter()
     _check_args(model, sigma, lr, num_samples, mode, seed, reduction, optimizer, max_batch_elems, progress)
