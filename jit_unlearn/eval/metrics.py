@@ -40,7 +40,9 @@ def _outputs(model: torch.nn.Module, data, *, name: str, labels: bool, batch_siz
         out = check_logits(model(x), x.shape[0], name="model")
         outs.append(out if out.dtype in (torch.float32, torch.float64) else out.float())
         if labels:
-            ys.append(data.labels(batch_labels(batch, name=name), i, x.shape[0], out.shape[1]).to(device))
+            ys.append(
+                data.labels(batch_labels(batch, name=name), i, x.shape[0], out.shape[1]).to(device, non_blocking=True)
+            )
     if not outs:
         raise ValueError(f"{name}: yields no batches (empty)")
     data.verify()
