@@ -1,8 +1,4 @@
 // CPU kernel of ssd_dampen_: a loop over the tensors, each walked by a vectorised at::parallel_for kernel.
-// No FP exception is ever trapped, so the selects of the dense pass may if-convert and vectorise;
-// results are unchanged (IEEE arithmetic, no contraction, no reassociation).
-#pragma GCC optimize("no-trapping-math")
-
 #include <algorithm>
 #include <bit>
 #include <cstdint>
@@ -17,6 +13,7 @@
 
 #include "common/dampen_utils.h"
 #include "common/tensor_list_args.h"
+#include "cpu/cpu_isa.h"
 
 namespace jit_unlearn {
 namespace {
@@ -41,80 +38,98 @@ inline void prefetch_for_write(const void* address) {
 #endif
 }
 
+template <typename scalar_t, typename imp_t>
+struct DampenArgs {
+  scalar_t* theta;
+  const imp_t* f;
+  const imp_t* d;
+  at::opmath_type<scalar_t> alpha, lam, exponent;
+};
+
 // Dampens [begin, end) of one tensor; returns the number of selected elements.
 template <bool kApplyExponent, typename scalar_t, typename imp_t>
-int64_t dampen_range(scalar_t* theta, const imp_t* f, const imp_t* d, at::opmath_type<scalar_t> alpha,
-                     at::opmath_type<scalar_t> lam, at::opmath_type<scalar_t> exponent, int64_t begin, int64_t end) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  alignas(64) uint8_t selected[kChunk];
-  int64_t pending[kRing];
-  int64_t head = 0;  // next pending element to update
-  int64_t tail = 0;  // next free ring slot
-  int64_t count = 0;
-  const auto update = [&](int64_t i) {
-    theta[i] = static_cast<scalar_t>(ssd_dampened<kApplyExponent>(
-        static_cast<opmath_t>(theta[i]), static_cast<opmath_t>(f[i]), static_cast<opmath_t>(d[i]), lam, exponent));
-  };
-  const auto enqueue = [&](int64_t i) {
-    prefetch_for_write(theta + i);
-    pending[tail++ & (kRing - 1)] = i;
-    if (tail - head > kPrefetchAhead) {
+struct DampenRange {
+  using Args = DampenArgs<scalar_t, imp_t>;
+  using Signature = int64_t(const Args&, int64_t, int64_t);
+  static constexpr CpuIsa kMaxIsa = CpuIsa::kAvx512;
+
+  template <CpuIsa kIsa>
+  static C10_ALWAYS_INLINE int64_t run(const Args& args, int64_t begin, int64_t end) {
+    using opmath_t = at::opmath_type<scalar_t>;
+    scalar_t* const theta = args.theta;
+    const imp_t* const f = args.f;
+    const imp_t* const d = args.d;
+    const opmath_t alpha = args.alpha, lam = args.lam, exponent = args.exponent;
+    alignas(64) uint8_t selected[kChunk];
+    int64_t pending[kRing];
+    int64_t head = 0;  // next pending element to update
+    int64_t tail = 0;  // next free ring slot
+    int64_t count = 0;
+    const auto update = [&](int64_t i) {
+      theta[i] = static_cast<scalar_t>(ssd_dampened<kApplyExponent>(
+          static_cast<opmath_t>(theta[i]), static_cast<opmath_t>(f[i]), static_cast<opmath_t>(d[i]), lam, exponent));
+    };
+    const auto enqueue = [&](int64_t i) {
+      prefetch_for_write(theta + i);
+      pending[tail++ & (kRing - 1)] = i;
+      if (tail - head > kPrefetchAhead) {
+        update(pending[head++ & (kRing - 1)]);
+      }
+    };
+    for (int64_t base = begin; base < end; base += kChunk) {
+      const int64_t n = std::min(kChunk, end - base);
+      int32_t chunk_count = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        const uint8_t s = ssd_selected(static_cast<opmath_t>(f[base + j]), static_cast<opmath_t>(d[base + j]), alpha);
+        selected[j] = s;
+        chunk_count += s;
+      }
+      if (chunk_count == 0) {
+        continue;
+      }
+      count += chunk_count;
+      if (chunk_count * kDenseFraction >= n) {
+        // Dense chunk: one streaming pass over theta is cheaper than per-element updates.  Unselected
+        // elements are rewritten with their own value; their (discarded) factor may be inf or NaN.
+        for (int64_t i = base; i < base + n; ++i) {
+          const auto fi = static_cast<opmath_t>(f[i]);
+          const auto di = static_cast<opmath_t>(d[i]);
+          const auto old = static_cast<opmath_t>(theta[i]);
+          const opmath_t dampened = ssd_dampened<kApplyExponent>(old, fi, di, lam, exponent);
+          theta[i] = static_cast<scalar_t>(ssd_selected(fi, di, alpha) ? dampened : old);
+        }
+        continue;
+      }
+      if constexpr (std::endian::native == std::endian::little) {
+        const int64_t whole = n - n % 8;
+        for (int64_t j = 0; j < whole; j += 8) {
+          uint64_t word;
+          std::memcpy(&word, selected + j, 8);
+          while (word != 0) {
+            // Bytes are 0 or 1, so the lowest set bit 8b + 0 marks byte b.
+            enqueue(base + j + (std::countr_zero(word) >> 3));
+            word &= word - 1;
+          }
+        }
+        for (int64_t j = whole; j < n; ++j) {
+          if (selected[j] != 0) {
+            enqueue(base + j);
+          }
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) {
+          if (selected[j] != 0) {
+            enqueue(base + j);
+          }
+        }
+      }
+    }
+    while (head < tail) {
       update(pending[head++ & (kRing - 1)]);
     }
-  };
-  for (int64_t base = begin; base < end; base += kChunk) {
-    const int64_t n = std::min(kChunk, end - base);
-    int32_t chunk_count = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      const uint8_t s = ssd_selected(static_cast<opmath_t>(f[base + j]), static_cast<opmath_t>(d[base + j]), alpha);
-      selected[j] = s;
-      chunk_count += s;
-    }
-    if (chunk_count == 0) {
-      continue;
-    }
-    count += chunk_count;
-    if (chunk_count * kDenseFraction >= n) {
-      // Dense chunk: one streaming pass over theta is cheaper than per-element updates.  Unselected
-      // elements are rewritten with their own value; their (discarded) factor may be inf or NaN.
-      for (int64_t i = base; i < base + n; ++i) {
-        const auto fi = static_cast<opmath_t>(f[i]);
-        const auto di = static_cast<opmath_t>(d[i]);
-        const auto old = static_cast<opmath_t>(theta[i]);
-        const opmath_t dampened = ssd_dampened<kApplyExponent>(old, fi, di, lam, exponent);
-        theta[i] = static_cast<scalar_t>(ssd_selected(fi, di, alpha) ? dampened : old);
-      }
-      continue;
-    }
-    if constexpr (std::endian::native == std::endian::little) {
-      const int64_t whole = n - n % 8;
-      for (int64_t j = 0; j < whole; j += 8) {
-        uint64_t word;
-        std::memcpy(&word, selected + j, 8);
-        while (word != 0) {
-          // Bytes are 0 or 1, so the lowest set bit 8b + 0 marks byte b.
-          enqueue(base + j + (std::countr_zero(word) >> 3));
-          word &= word - 1;
-        }
-      }
-      for (int64_t j = whole; j < n; ++j) {
-        if (selected[j] != 0) {
-          enqueue(base + j);
-        }
-      }
-    } else {
-      for (int64_t j = 0; j < n; ++j) {
-        if (selected[j] != 0) {
-          enqueue(base + j);
-        }
-      }
-    }
+    return count;
   }
-  while (head < tail) {
-    update(pending[head++ & (kRing - 1)]);
-  }
-  return count;
-}
+};
 
 template <bool kApplyExponent, typename scalar_t, typename imp_t>
 int64_t dampen_tensor(const at::Tensor& param, const at::Tensor& imp_forget, const at::Tensor& imp_full,
@@ -123,18 +138,14 @@ int64_t dampen_tensor(const at::Tensor& param, const at::Tensor& imp_forget, con
   scalar_t* theta = param.data_ptr<scalar_t>();
   const imp_t* f = imp_forget.const_data_ptr<imp_t>();
   const imp_t* d = imp_full.const_data_ptr<imp_t>();
-  const auto alpha_ = static_cast<opmath_t>(alpha);
-  const auto lam_ = static_cast<opmath_t>(lam);
-  const auto exponent_ = static_cast<opmath_t>(exponent);
+  const DampenArgs<scalar_t, imp_t> args{theta, f, d, static_cast<opmath_t>(alpha), static_cast<opmath_t>(lam),
+                                         static_cast<opmath_t>(exponent)};
+  const auto range = isa_copy<DampenRange<kApplyExponent, scalar_t, imp_t>>();
   return at::parallel_reduce(
       int64_t{0}, param.numel(), kGrainSize, int64_t{0},
-      [&](int64_t begin, int64_t end, int64_t count) {
-        return count + dampen_range<kApplyExponent>(theta, f, d, alpha_, lam_, exponent_, begin, end);
-      },
+      [&](int64_t begin, int64_t end, int64_t count) { return count + range(args, begin, end); },
       std::plus<int64_t>());
 }
-
-}  // namespace
 
 // params[i] *= min(((lam * imp_full[i]) / imp_forget[i])^exponent, 1) where imp_forget[i] > alpha * imp_full[i].
 // Returns the selected count per tensor (int64 [T]).  Importances may have any floating dtype; when
@@ -165,6 +176,8 @@ at::Tensor ssd_dampen_cpu(at::TensorList params, at::TensorList imp_forget, at::
   }
   return counts;
 }
+
+}  // namespace
 
 TORCH_LIBRARY_IMPL(jit_unlearn, CPU, m) {
   m.impl("ssd_dampen_", &ssd_dampen_cpu);
