@@ -6,6 +6,23 @@ import torch
 from . import _backend
 from .reference import opmath_dtype
 
+
+def _check_one_device(*named) -> None:
+    """The fakes' device check.  A call that mixes devices (one tensor on meta, the others on CPU) reaches
+    the Meta kernel, the fake, instead of a compiled kernel's checks; it must raise as they do.
+
+    named: (name, tensor or list of tensors) pairs; the first tensor sets the device of the call."""
+    ref = ref_name = None
+    for name, value in named:
+        tensors = [(name, value)] if isinstance(value, torch.Tensor) else [(f"{name}[{i}]", t)
+                                                                           for i, t in enumerate(value)]
+        for label, t in tensors:
+            if ref is None:
+                ref, ref_name = t.device, label
+            elif t.device != ref:
+                raise ValueError(f"{label}: expected device {ref} (as {ref_name}), got {t.device}")
+
+
 if _backend.extension_loaded():
 
     @torch.library.register_fake("jit_unlearn::perturb")
@@ -16,33 +33,40 @@ if _backend.extension_loaded():
 
     @torch.library.register_fake("jit_unlearn::_perturb_out")
     def _perturb_out_fake(x, num_samples, sigma, seed, offset, clamp, x_tilde, in_norm):
+        _check_one_device(("x", x), ("x_tilde", x_tilde), ("in_norm", in_norm))
         return None
 
     @torch.library.register_fake("jit_unlearn::lipschitz_ratio")
     def _lipschitz_ratio_fake(out, out_perturbed, in_norm):
+        _check_one_device(("out", out), ("out_perturbed", out_perturbed), ("in_norm", in_norm))
         return out.new_empty(tuple(out_perturbed.shape[:2]), dtype=opmath_dtype(out.dtype))
 
     @torch.library.register_fake("jit_unlearn::_lipschitz_ratio_backward")
     def _lipschitz_ratio_backward_fake(grad, out, out_perturbed, in_norm, compute_perturbed_grad):
+        _check_one_device(("out", out), ("out_perturbed", out_perturbed), ("in_norm", in_norm), ("grad", grad))
         shape = tuple(out_perturbed.shape) if compute_perturbed_grad else (0,)
         return out.new_empty(tuple(out.shape)), out_perturbed.new_empty(shape)
 
     @torch.library.register_fake("jit_unlearn::_lipschitz_ratio_and_grad")
     def _lipschitz_ratio_and_grad_fake(grad, out, out_perturbed, in_norm):
+        _check_one_device(("out", out), ("out_perturbed", out_perturbed), ("in_norm", in_norm), ("grad", grad))
         ratio = out.new_empty(tuple(out_perturbed.shape[:2]), dtype=opmath_dtype(out.dtype))
         return ratio, out.new_empty(tuple(out.shape))
 
     @torch.library.register_fake("jit_unlearn::accumulate_importance_")
     def _accumulate_importance_fake(acc, grads, importance_mode, scale):
+        _check_one_device(("acc", acc), ("grads", grads))
         return None
 
     @torch.library.register_fake("jit_unlearn::ssd_dampen_")
     def _ssd_dampen_fake(params, imp_forget, imp_full, alpha, lam, exponent):
+        _check_one_device(("params", params), ("imp_forget", imp_forget), ("imp_full", imp_full))
         device = params[0].device if len(params) else torch.device("cpu")
         return torch.empty((len(params),), dtype=torch.int64, device=device)
 
     @torch.library.register_fake("jit_unlearn::masked_reset_")
     def _masked_reset_fake(params, init, masks):
+        _check_one_device(("params", params), ("init", init), ("masks", masks))
         return None
 
     def _lipschitz_setup_context(ctx, inputs, output):

@@ -24,7 +24,7 @@ _UINT64 = 2**64
 def _check_float_tensor(t, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
+    if t.dtype not in reference.FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating-point tensor (float32/float64/float16/bfloat16), "
                         f"got {t.dtype}")
 
@@ -181,13 +181,22 @@ def _list_device(tensors) -> torch.device:
 
 
 def _dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+    dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+    # element-aligned too (the kernels refuse to write foreign memory at an odd address)
+    return dense and (torch.compiler.is_compiling() or t.device.type == "meta" or t.numel() == 0
+                      or t.data_ptr() % t.element_size() == 0)
+
+
+def _overlap_operands(lists, names, written_first: bool = True):
+    """(tensor, "name[i]", written) triples for reference.check_no_overlap; the first list is written."""
+    return [(t, f"{name}[{i}]", written_first and k == 0)
+            for k, (lst, name) in enumerate(zip(lists, names)) for i, t in enumerate(lst)]
 
 
 def _run_inplace(targets: Sequence[torch.Tensor], run):
-    """Call run(list) on in-place targets; strided views (which the kernels reject) go through a
-    dense temporary that is copied back, so every tier accepts the same inputs."""
-    work = [t if _dense(t) else t.contiguous() for t in targets]
+    """Call run(list) on in-place targets; strided or misaligned views (which the kernels reject) go
+    through a dense temporary that is copied back, so every tier accepts the same inputs."""
+    work = [t if _dense(t) else t.clone(memory_format=torch.contiguous_format) for t in targets]
     result = run(work)
     for t, w in zip(targets, work):
         if w is not t:
@@ -209,6 +218,7 @@ def accumulate_importance_(acc: Sequence[torch.Tensor], grads: Sequence[torch.Te
     scale = _check_number(scale, "scale")
     if not acc:
         return
+    reference.check_no_overlap("accumulate_importance_", _overlap_operands([acc, grads], ["acc", "grads"]))
     device = _list_device(acc)
     if _backend.use_compiled(device):
         _run_inplace(acc, lambda a: torch.ops.jit_unlearn.accumulate_importance_.default(a, list(grads), mode, scale))
@@ -223,7 +233,9 @@ def ssd_dampen_(params: Sequence[torch.Tensor], imp_forget: Sequence[torch.Tenso
 
     Per element: if I_f > alpha * I_D then theta *= min(((lam * I_D) / I_f) ** exponent, 1).
     Args:
-        params, imp_forget, imp_full: equal-length lists of same-shape floating tensors.
+        params, imp_forget, imp_full: equal-length lists of same-shape floating tensors; importances
+            must be >= 0 (a negative or NaN one raises ValueError before anything is written), and no
+            parameter may share memory with another operand.
         alpha: selection threshold, finite and >= 0.  lam: >= 0.  exponent: finite.
     Returns:
         int64 [T] tensor of selected-element counts per parameter, on the parameters' device.
@@ -237,6 +249,8 @@ def ssd_dampen_(params: Sequence[torch.Tensor], imp_forget: Sequence[torch.Tenso
     exponent = _check_number(exponent, "exponent")
     if not params:
         return torch.zeros(0, dtype=torch.int64)
+    reference.check_no_overlap("ssd_dampen_", _overlap_operands([params, imp_forget, imp_full],
+                                                                ["params", "imp_forget", "imp_full"]))
     device = _list_device(params)
     if _backend.use_compiled(device):
         return _run_inplace(params, lambda p: torch.ops.jit_unlearn.ssd_dampen_.default(
@@ -257,6 +271,7 @@ def masked_reset_(params: Sequence[torch.Tensor], init: Sequence[torch.Tensor],
             raise TypeError(f"masks[{i}]: expected a torch.bool tensor, got {m.dtype}")
     if not params:
         return
+    reference.check_no_overlap("masked_reset_", _overlap_operands([params, init, masks], ["params", "init", "masks"]))
     device = _list_device(params)
     if _backend.use_compiled(device):
         _run_inplace(params, lambda p: torch.ops.jit_unlearn.masked_reset_.default(p, list(init), list(masks)))

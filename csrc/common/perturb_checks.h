@@ -7,14 +7,15 @@
 
 #include <ATen/ATen.h>
 
+#include "common/operand_checks.h"
+
 namespace jit_unlearn {
 
 // x [B, ...] in float32/float64/float16/bfloat16, num_samples >= 0, sigma finite and >= 0.
 // Errors name the argument.
 inline void check_perturb_args(const at::Tensor& x, int64_t num_samples, double sigma) {
-  const auto t = x.scalar_type();
-  TORCH_CHECK_TYPE(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
-                   "perturb: x: expected float32, float64, float16 or bfloat16, got ", t);
+  TORCH_CHECK_TYPE(is_supported_float(x.scalar_type()), "perturb: x: expected float32, float64, float16 or bfloat16, got ",
+                   x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() >= 1, "perturb: x: expected a batch [B, ...] with at least 1 dimension, got shape ",
                     x.sizes());
   TORCH_CHECK_VALUE(num_samples >= 0, "perturb: num_samples: must be >= 0, got ", num_samples);
@@ -22,7 +23,8 @@ inline void check_perturb_args(const at::Tensor& x, int64_t num_samples, double 
 }
 
 // The caller's outputs of _perturb_out: x_tilde [N, *x.shape] in x's dtype and in_norm [N, B] in
-// the opmath dtype, both contiguous and on x's device.  Errors name the argument.
+// the opmath dtype, both contiguous, element-aligned and on x's device, sharing no memory with each
+// other or with x.  Errors name the argument.
 inline void check_perturb_out(const at::Tensor& x, int64_t num_samples, const at::Tensor& x_tilde,
                               const at::Tensor& in_norm) {
   std::vector<int64_t> shape{num_samples};
@@ -42,6 +44,13 @@ inline void check_perturb_out(const at::Tensor& x, int64_t num_samples, const at
                     " and ", in_norm.device());
   TORCH_CHECK_VALUE(x_tilde.is_contiguous() && in_norm.is_contiguous(),
                     "_perturb_out: x_tilde and in_norm: expected contiguous tensors");
+  check_aligned_output(x_tilde, "_perturb_out: x_tilde", -1);
+  check_aligned_output(in_norm, "_perturb_out: in_norm", -1);
+  OverlapCheck overlap;
+  overlap.add(x, "x", -1, false);
+  overlap.add(x_tilde, "x_tilde", -1, true);
+  overlap.add(in_norm, "in_norm", -1, true);
+  overlap.check("_perturb_out");
 }
 
 // Empty outputs: x_tilde [N, *x.shape] in x's dtype and in_norm [N, B] in the opmath dtype (float64

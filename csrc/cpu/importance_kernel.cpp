@@ -5,6 +5,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "common/importance_utils.h"
 #include "common/tensor_list_args.h"
 #include "cpu/cpu_isa.h"
@@ -42,15 +44,23 @@ void accumulate_tensor(const at::Tensor& acc, const at::Tensor& grad, double sca
 }
 
 // acc[i] += scale * grads[i]^2 ("square") or scale * |grads[i]| ("abs"), in acc[i]'s opmath dtype.
-// acc[i] and grads[i] may have different floating dtypes.
-void accumulate_importance_cpu(at::TensorList acc, at::TensorList grads, c10::string_view importance_mode, double scale) {
+// acc[i] and grads[i] may have different float dtypes.  Every operand is checked and prepared before
+// the first tensor is written.
+void accumulate_importance_cpu(at::TensorList acc, at::TensorList grads, c10::string_view importance_mode,
+                               double scale) {
   const ImportanceMode mode = parse_importance_mode(importance_mode);
   check_accumulate_importance_args(acc, grads, scale, at::kCPU);
+  std::vector<at::Tensor> prepared(acc.size());
+  for (size_t i = 0; i < acc.size(); ++i) {
+    if (acc[i].numel() != 0) {
+      prepared[i] = match_layout(grads[i], acc[i], grads[i].scalar_type());
+    }
+  }
   for (size_t i = 0; i < acc.size(); ++i) {
     if (acc[i].numel() == 0) {
       continue;
     }
-    const at::Tensor grad = match_layout(grads[i], acc[i], grads[i].scalar_type());
+    const at::Tensor& grad = prepared[i];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, acc[i].scalar_type(), "accumulate_importance_cpu", [&] {
       using acc_t = scalar_t;
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "accumulate_importance_cpu", [&] {

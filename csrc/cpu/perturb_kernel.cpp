@@ -168,7 +168,7 @@ struct PerturbRows {
 // Fills x_tilde and in_norm (contiguous, checked) from x.
 void perturb_into_cpu(const at::Tensor& x_in, int64_t num_samples, double sigma, int64_t seed, int64_t offset,
                       bool clamp, at::Tensor& x_tilde, at::Tensor& in_norm) {
-  const at::Tensor x = x_in.contiguous();
+  const at::Tensor x = contiguous_aligned(x_in);
   const int64_t batch = x.size(0);
   const int64_t rows = num_samples * batch;
   const int64_t row_numel = batch > 0 ? x.numel() / batch : 0;

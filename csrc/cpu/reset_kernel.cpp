@@ -4,6 +4,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <utility>
+#include <vector>
+
 #include "common/tensor_list_args.h"
 #include "cpu/cpu_isa.h"
 
@@ -42,15 +45,22 @@ void reset_tensor(const at::Tensor& param, const at::Tensor& init, const at::Ten
 }
 
 // params[i] = masks[i] ? init[i] : params[i].  masks[i] are bool; init[i] is converted to params[i]'s dtype.
+// Every operand is checked and prepared before the first tensor is written.
 void masked_reset_cpu(at::TensorList params, at::TensorList init, at::TensorList masks) {
   check_masked_reset_args(params, init, masks, at::kCPU);
+  std::vector<std::pair<at::Tensor, at::Tensor>> prepared(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].numel() != 0) {
+      prepared[i] = {match_layout(init[i], params[i], params[i].scalar_type()),
+                     match_layout(masks[i], params[i], at::kBool)};
+    }
+  }
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& param = params[i];
     if (param.numel() == 0) {
       continue;
     }
-    const at::Tensor v = match_layout(init[i], param, param.scalar_type());
-    const at::Tensor m = match_layout(masks[i], param, at::kBool);
+    const auto& [v, m] = prepared[i];
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, param.scalar_type(), "masked_reset_cpu",
                                     [&] { reset_tensor<scalar_t>(param, v, m); });
   }

@@ -89,13 +89,13 @@ unsigned int blocks_for(int64_t work_items, int64_t per_block) {
 
 // ratio [N, B] in opmath dtype = ||out_b - out_perturbed_nb||_2 / in_norm_nb (0 where in_norm_nb <= 0).
 at::Tensor lipschitz_ratio_cuda(const at::Tensor& out, const at::Tensor& out_perturbed, const at::Tensor& in_norm) {
-  check_lipschitz_args("lipschitz_ratio", out, out_perturbed, in_norm);
+  check_lipschitz_args("lipschitz_ratio", out, out_perturbed, in_norm, at::kCUDA);
   const c10::cuda::CUDAGuard device_guard(out.device());
   const int64_t N = out_perturbed.size(0), B = out.size(0), K = out.size(1);
   const auto acc_type = opmath_scalar_type(out.scalar_type());
-  const at::Tensor o = out.contiguous();
-  const at::Tensor p = out_perturbed.contiguous();
-  const at::Tensor den = in_norm.to(acc_type).contiguous();
+  const at::Tensor o = contiguous_aligned(out);
+  const at::Tensor p = contiguous_aligned(out_perturbed);
+  const at::Tensor den = contiguous_aligned(in_norm.to(acc_type));
   at::Tensor ratio = at::empty({N, B}, out.options().dtype(acc_type));
   const int64_t rows = N * B;
   if (rows == 0) return ratio;
@@ -118,15 +118,15 @@ static std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* 
                                                                     const at::Tensor& out_perturbed,
                                                                     const at::Tensor& in_norm,
                                                                     bool compute_perturbed_grad, bool with_ratio) {
-  check_lipschitz_args(op, out, out_perturbed, in_norm);
+  check_lipschitz_args(op, out, out_perturbed, in_norm, at::kCUDA);
   check_lipschitz_grad(op, grad, out, out_perturbed);
   const c10::cuda::CUDAGuard device_guard(out.device());
   const int64_t N = out_perturbed.size(0), B = out.size(0), K = out.size(1);
   const auto acc_type = opmath_scalar_type(out.scalar_type());
-  const at::Tensor o = out.contiguous();
-  const at::Tensor p = out_perturbed.contiguous();
-  const at::Tensor den = in_norm.to(acc_type).contiguous();
-  const at::Tensor g = grad.to(acc_type).contiguous();
+  const at::Tensor o = contiguous_aligned(out);
+  const at::Tensor p = contiguous_aligned(out_perturbed);
+  const at::Tensor den = contiguous_aligned(in_norm.to(acc_type));
+  const at::Tensor g = contiguous_aligned(grad.to(acc_type));
   at::Tensor grad_out = at::empty({B, K}, out.options());
   at::Tensor grad_pert = compute_perturbed_grad ? at::empty({N, B, K}, out_perturbed.options())
                                                 : at::empty({0}, out_perturbed.options());

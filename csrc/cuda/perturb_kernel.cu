@@ -104,7 +104,7 @@ __global__ void perturb_kernel(const scalar_t* __restrict__ x, scalar_t* __restr
 // (atomicAdd targets, zeroed here), then their square roots.
 void perturb_into_cuda(const at::Tensor& x_in, int64_t num_samples, double sigma, int64_t seed, int64_t offset,
                        bool clamp, at::Tensor& x_tilde, at::Tensor& in_norm) {
-  const at::Tensor x = x_in.contiguous();
+  const at::Tensor x = contiguous_aligned(x_in);
   in_norm.zero_();
   const int64_t batch = x.size(0);
   const int64_t x_numel = x.numel();
