@@ -54,15 +54,13 @@ inline void check_perturb_out(const at::Tensor& x, int64_t num_samples, const at
 }
 
 // Empty outputs: x_tilde [N, *x.shape] in x's dtype and in_norm [N, B] in the opmath dtype (float64
-// for float64 x, float32 otherwise), both contiguous.  in_norm is zero-filled when `zero_norm`.
-inline std::tuple<at::Tensor, at::Tensor> perturb_outputs(const at::Tensor& x, int64_t num_samples,
-                                                           bool zero_norm) {
+// for float64 x, float32 otherwise), both contiguous.
+inline std::tuple<at::Tensor, at::Tensor> perturb_outputs(const at::Tensor& x, int64_t num_samples) {
   std::vector<int64_t> shape{num_samples};
   shape.insert(shape.end(), x.sizes().begin(), x.sizes().end());
   at::Tensor x_tilde = at::empty(shape, x.options());
   const auto norm_options = x.options().dtype(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  at::Tensor in_norm = zero_norm ? at::zeros({num_samples, x.size(0)}, norm_options)
-                                 : at::empty({num_samples, x.size(0)}, norm_options);
+  at::Tensor in_norm = at::empty({num_samples, x.size(0)}, norm_options);
   return {x_tilde, in_norm};
 }
 

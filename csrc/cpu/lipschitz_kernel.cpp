@@ -19,8 +19,9 @@ namespace jit_unlearn {
 namespace {
 
 // Independent partial sums per row: they break the add-latency chain and let the compiler vectorise
-// without reassociating (the summation order is fixed, whatever the instruction set).
-constexpr int64_t kLanes = 8;
+// without reassociating (the summation order is fixed, whatever the instruction set, and the CUDA
+// kernel's too: common/lipschitz_utils.h).
+constexpr int64_t kLanes = kLipschitzLanes;
 // Elements of work per parallel task, as at::internal::GRAIN_SIZE.
 constexpr int64_t kGrainElements = 32768;
 // Rows up to this many logits keep their gradient sums in registers (avx2::grad_row).

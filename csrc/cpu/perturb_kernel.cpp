@@ -20,10 +20,11 @@
 namespace jit_unlearn {
 namespace {
 
-// Philox groups drawn per chunk: 1,024 normals (4 KiB of words and 4 KiB of normals on the stack).
-constexpr uint64_t kGroupsPerChunk = 256;
-// Independent partial sums of a row, so the squared-difference reduction vectorises.
-constexpr int64_t kLanes = 8;
+// Philox groups drawn per chunk: 1,024 normals (4 KiB of words and 4 KiB of normals on the stack).  The
+// chunks are the spans of in_norm's summation order (common/perturb_utils.h).
+constexpr uint64_t kGroupsPerChunk = kNormSpan / 4;
+// Independent partial sums of a span, so the squared-difference reduction vectorises.
+constexpr int64_t kLanes = kNormLanes;
 
 // The Philox words of groups [first, first + count) as four planes: w[k * kGroupsPerChunk + i] is
 // word k of group first + i.  Portable form; the compiler vectorises it across groups.
@@ -154,7 +155,7 @@ struct PerturbRows {
         j += len;
         col += len;
         if (col == numel) {
-          a.in_norm[row] = std::sqrt(sq_sum);
+          a.in_norm[row] = perturb_norm(sq_sum);
           sq_sum = 0;
           col = 0;
           ++row;
@@ -208,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> perturb_cpu(const at::Tensor& x, int64_t num_
                                                int64_t offset, bool clamp) {
   check_perturb_args(x, num_samples, sigma);
   TORCH_CHECK_VALUE(x.device().is_cpu(), "perturb: x: expected a CPU tensor, got device ", x.device());
-  auto [x_tilde, in_norm] = perturb_outputs(x, num_samples, /*zero_norm=*/false);
+  auto [x_tilde, in_norm] = perturb_outputs(x, num_samples);
   perturb_into_cpu(x, num_samples, sigma, seed, offset, clamp, x_tilde, in_norm);
   return {x_tilde, in_norm};
 }
