@@ -1,4 +1,4 @@
-// Per-element SSD dampening rule (ALGORITHMS.md section 2), shared by the CPU and CUDA kernels.
+// Per-element SSD dampening rule (docs/METHODS.md §2), shared by the CPU and CUDA kernels.
 #pragma once
 
 #include <cmath>
