@@ -110,8 +110,7 @@ class OverlapCheck {
           const Entry* second = a->order < s->order ? s : a;
           const bool same = at::get_overlap_status(*first->tensor, *second->tensor) == at::MemOverlapStatus::Full;
           TORCH_CHECK_VALUE(false, op, ": ", operand_name(first->name, first->index), " and ",
-                            operand_name(second->name, second->index),
-                            same ? " are the same memory" : " share memory",
+                            operand_name(second->name, second->index), same ? " are the same memory" : " share memory",
                             "; an operand the op writes must not overlap any other operand of the call");
         }
       }

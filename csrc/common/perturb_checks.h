@@ -14,8 +14,8 @@ namespace jit_unlearn {
 // x [B, ...] in float32/float64/float16/bfloat16, num_samples >= 0, sigma finite and >= 0.
 // Errors name the argument.
 inline void check_perturb_args(const at::Tensor& x, int64_t num_samples, double sigma) {
-  TORCH_CHECK_TYPE(is_supported_float(x.scalar_type()), "perturb: x: expected float32, float64, float16 or bfloat16, got ",
-                   x.scalar_type());
+  TORCH_CHECK_TYPE(is_supported_float(x.scalar_type()),
+                   "perturb: x: expected float32, float64, float16 or bfloat16, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.dim() >= 1, "perturb: x: expected a batch [B, ...] with at least 1 dimension, got shape ",
                     x.sizes());
   TORCH_CHECK_VALUE(num_samples >= 0, "perturb: num_samples: must be >= 0, got ", num_samples);
@@ -32,13 +32,13 @@ inline void check_perturb_out(const at::Tensor& x, int64_t num_samples, const at
   const auto norm_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK_VALUE(x_tilde.sizes() == at::IntArrayRef(shape), "_perturb_out: x_tilde: expected shape ",
                     at::IntArrayRef(shape), ", got ", x_tilde.sizes());
-  TORCH_CHECK_TYPE(x_tilde.scalar_type() == x.scalar_type(), "_perturb_out: x_tilde: expected dtype ",
-                   x.scalar_type(), " (as x), got ", x_tilde.scalar_type());
+  TORCH_CHECK_TYPE(x_tilde.scalar_type() == x.scalar_type(), "_perturb_out: x_tilde: expected dtype ", x.scalar_type(),
+                   " (as x), got ", x_tilde.scalar_type());
   TORCH_CHECK_VALUE(in_norm.dim() == 2 && in_norm.size(0) == num_samples && in_norm.size(1) == x.size(0),
                     "_perturb_out: in_norm: expected shape [", num_samples, ", ", x.size(0), "], got ",
                     in_norm.sizes());
-  TORCH_CHECK_TYPE(in_norm.scalar_type() == norm_type, "_perturb_out: in_norm: expected dtype ", norm_type,
-                   ", got ", in_norm.scalar_type());
+  TORCH_CHECK_TYPE(in_norm.scalar_type() == norm_type, "_perturb_out: in_norm: expected dtype ", norm_type, ", got ",
+                   in_norm.scalar_type());
   TORCH_CHECK_VALUE(x_tilde.device() == x.device() && in_norm.device() == x.device(),
                     "_perturb_out: x_tilde and in_norm: expected device ", x.device(), ", got ", x_tilde.device(),
                     " and ", in_norm.device());

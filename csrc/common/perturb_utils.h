@@ -32,8 +32,8 @@ HOST_DEVICE_INLINE opmath_t perturb_clamp(opmath_t v, opmath_t lo, opmath_t hi) 
 // One element of x_tilde and its contribution to the squared input distance.
 template <typename scalar_t, typename opmath_t>
 struct PerturbedElement {
-  scalar_t value;   // x_tilde, rounded to x's dtype
-  opmath_t sq_diff; // (x_tilde - x)^2 in opmath, from the rounded x_tilde
+  scalar_t value;    // x_tilde, rounded to x's dtype
+  opmath_t sq_diff;  // (x_tilde - x)^2 in opmath, from the rounded x_tilde
 };
 
 // x_tilde = x + sigma * z in opmath (float for float/half/bfloat16, double for double with z widened),

@@ -26,13 +26,12 @@ inline void check_floating(const at::Tensor& t, const char* name, size_t i) {
 }
 
 // list[i] must be on the device of the whole call (that of ref_list[0]) and have ref_list[i]'s shape.
-inline void check_like(const at::Tensor& t, const char* name, size_t i, at::TensorList ref_list,
-                       const char* ref_name) {
+inline void check_like(const at::Tensor& t, const char* name, size_t i, at::TensorList ref_list, const char* ref_name) {
   const at::Device device = ref_list[0].device();
-  TORCH_CHECK_VALUE(t.device() == device, name, "[", i, "]: expected device ", device, " (as ", ref_name,
-                    "[0]), got ", t.device());
-  TORCH_CHECK_VALUE(t.sizes() == ref_list[i].sizes(), name, "[", i, "]: expected shape ", ref_list[i].sizes(),
-                    " (as ", ref_name, "[", i, "]), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == device, name, "[", i, "]: expected device ", device, " (as ", ref_name, "[0]), got ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.sizes() == ref_list[i].sizes(), name, "[", i, "]: expected shape ", ref_list[i].sizes(), " (as ",
+                    ref_name, "[", i, "]), got ", t.sizes());
 }
 
 // In-place operands are walked as flat memory: contiguous (or at least non-overlapping and dense, e.g.
@@ -41,8 +40,7 @@ inline void check_inplace_layout(const at::Tensor& t, const char* name, size_t i
   const auto index = static_cast<int64_t>(i);
   check_no_internal_overlap(t, name, index);
   TORCH_CHECK_VALUE(t.is_non_overlapping_and_dense(), name, "[", i,
-                    "]: must be contiguous (an in-place operand is written as flat memory), got strides ",
-                    t.strides());
+                    "]: must be contiguous (an in-place operand is written as flat memory), got strides ", t.strides());
   check_aligned_output(t, name, index);
 }
 

@@ -10,9 +10,8 @@
 #include <algorithm>
 #include <cstdint>
 
-#include <immintrin.h>
-
 #include <c10/macros/Macros.h>
+#include <immintrin.h>
 
 namespace jit_unlearn::avx2 {
 
@@ -29,8 +28,8 @@ JIT_UNLEARN_TARGET_AVX2 C10_ALWAYS_INLINE __m256i first_lanes(int64_t n) {
 // as a masked block (its missing lanes add +0, which leaves a lane's sum unchanged: the sums are never
 // -0), then the pairwise tree lanes[l] += lanes[l + 4], lanes[l] += lanes[l + 2], lanes[0] += lanes[1].
 // a and b need only float alignment.
-JIT_UNLEARN_TARGET_AVX2 inline float row_sq_distance(const float* __restrict__ a,
-                                                                const float* __restrict__ b, int64_t K) {
+JIT_UNLEARN_TARGET_AVX2 inline float row_sq_distance(const float* __restrict__ a, const float* __restrict__ b,
+                                                     int64_t K) {
   __m256 lanes = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
@@ -49,10 +48,9 @@ JIT_UNLEARN_TARGET_AVX2 inline float row_sq_distance(const float* __restrict__ a
 
 // grad_out[k] = sum_n (out[k] - perturbed[n * stride + k]) * coefs[n], summed in n order from +0 (as
 // the scalar loop adds them), 8 values of k per register, the last block masked.
-JIT_UNLEARN_TARGET_AVX2 inline void grad_row(const float* __restrict__ out,
-                                                        const float* __restrict__ perturbed, int64_t stride,
-                                                        int64_t N, int64_t K, const float* __restrict__ coefs,
-                                                        float* __restrict__ grad_out) {
+JIT_UNLEARN_TARGET_AVX2 inline void grad_row(const float* __restrict__ out, const float* __restrict__ perturbed,
+                                             int64_t stride, int64_t N, int64_t K, const float* __restrict__ coefs,
+                                             float* __restrict__ grad_out) {
   for (int64_t k = 0; k < K; k += 8) {
     const __m256i mask = first_lanes(K - k);
     const __m256 o = _mm256_maskload_ps(out + k, mask);

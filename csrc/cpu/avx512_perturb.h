@@ -11,9 +11,8 @@
 #include <cstddef>
 #include <cstdint>
 
-#include <immintrin.h>
-
 #include <c10/macros/Macros.h>
+#include <immintrin.h>
 
 #include "common/rng_utils.h"
 // GCC 12 reports false "may be used uninitialized" warnings from inside its AVX-512 intrinsics (their
@@ -38,8 +37,8 @@ JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE void mul_hi_lo(__m512i a, __m512i m,
 // first + i.  Computes whole blocks of kPhiloxBlock groups (count is rounded up), so each plane must
 // hold that many; kPlane is a multiple of kPhiloxBlock.
 template <int64_t kPlane>
-JIT_UNLEARN_TARGET_AVX512 inline void philox_words(uint64_t first, int64_t count, uint64_t seed,
-                                                              uint64_t offset, uint32_t* __restrict__ w) {
+JIT_UNLEARN_TARGET_AVX512 inline void philox_words(uint64_t first, int64_t count, uint64_t seed, uint64_t offset,
+                                                   uint32_t* __restrict__ w) {
   static_assert(kPlane % kPhiloxBlock == 0, "planes hold whole blocks");
   constexpr int kVectors = kPhiloxBlock / 16;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -164,8 +163,7 @@ JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE void sincos_2pi_uniform16(__m512i r,
 // hold whole vectors; both are the caller's alignas(64) buffers).  Lane i of the four results is
 // z[4 i .. 4 i + 3]; the unpacks and 128-bit shuffles interleave them.
 template <int64_t kPlane>
-JIT_UNLEARN_TARGET_AVX512 inline void box_muller(const uint32_t* __restrict__ w, int64_t count,
-                                                            float* __restrict__ z) {
+JIT_UNLEARN_TARGET_AVX512 inline void box_muller(const uint32_t* __restrict__ w, int64_t count, float* __restrict__ z) {
   for (int64_t i = 0; i < count; i += 16) {
     const __m512 rad01 = _mm512_sqrt_ps(neg2log_uniform16(_mm512_load_si512(w + i)));
     const __m512 rad23 = _mm512_sqrt_ps(neg2log_uniform16(_mm512_load_si512(w + 2 * kPlane + i)));
@@ -195,8 +193,7 @@ JIT_UNLEARN_TARGET_AVX512 inline void box_muller(const uint32_t* __restrict__ w,
 // perturb_element's x + sigma z and perturb_clamp (common/perturb_utils.h) on 16 floats:
 // (v > lo || v != v) ? v : lo, then (v < hi || v != v) ? v : hi.
 template <bool kClamp>
-JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE __m512 perturb16(__m512 x, __m512 z, __m512 sigma, __m512 lo,
-                                                             __m512 hi) {
+JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE __m512 perturb16(__m512 x, __m512 z, __m512 sigma, __m512 lo, __m512 hi) {
   __m512 v = add(x, mul(sigma, z));
   if constexpr (kClamp) {
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
@@ -211,10 +208,9 @@ JIT_UNLEARN_TARGET_AVX512 C10_ALWAYS_INLINE __m512 perturb16(__m512 x, __m512 z,
 // are added as two 8-lane halves, first the low one), exactly as the scalar 8-lane loop adds them.
 // x, z and out may have any float alignment (unaligned and masked accesses).  Returns n.
 template <bool kClamp>
-JIT_UNLEARN_TARGET_AVX512 inline int64_t perturb_span_lanes(const float* __restrict__ x,
-                                                                       const float* __restrict__ z, int64_t len,
-                                                                       float sigma, float lo, float hi,
-                                                                       float* __restrict__ out, float lanes[8]) {
+JIT_UNLEARN_TARGET_AVX512 inline int64_t perturb_span_lanes(const float* __restrict__ x, const float* __restrict__ z,
+                                                            int64_t len, float sigma, float lo, float hi,
+                                                            float* __restrict__ out, float lanes[8]) {
   __m256 partial = _mm256_setzero_ps();
   const __m512 vsigma = splat(sigma), vlo = splat(lo), vhi = splat(hi);
   int64_t i = 0;

@@ -146,9 +146,9 @@ struct DampenChunks {
     int64_t head = 0;  // next pending element to update
     int64_t tail = 0;  // next free ring slot
     const auto update = [&](int64_t i) {
-      theta[i] = static_cast<scalar_t>(ssd_dampened<kApplyExponent>(
-          static_cast<opmath_t>(theta[i]), static_cast<opmath_t>(f[i]), static_cast<opmath_t>(d[i]), a.lam,
-          a.exponent));
+      theta[i] = static_cast<scalar_t>(ssd_dampened<kApplyExponent>(static_cast<opmath_t>(theta[i]),
+                                                                    static_cast<opmath_t>(f[i]),
+                                                                    static_cast<opmath_t>(d[i]), a.lam, a.exponent));
     };
     const auto enqueue = [&](int64_t i) {
       prefetch(theta + i, true);
@@ -241,8 +241,8 @@ at::Tensor ssd_dampen_cpu(at::TensorList params, at::TensorList imp_forget, at::
       continue;
     }
     const at::ScalarType imp_dtype = ssd_importance_dtype(param, imp_forget[i], imp_full[i]);
-    operands.push_back({i, param, match_layout(imp_forget[i], param, imp_dtype),
-                        match_layout(imp_full[i], param, imp_dtype), words});
+    operands.push_back(
+        {i, param, match_layout(imp_forget[i], param, imp_dtype), match_layout(imp_full[i], param, imp_dtype), words});
     words += (param.numel() + kChunk - 1) / kChunk * kWordsPerChunk;
   }
   const std::unique_ptr<uint64_t[]> bits(new uint64_t[std::max<int64_t>(words, 1)]);
@@ -257,7 +257,8 @@ at::Tensor ssd_dampen_cpu(at::TensorList params, at::TensorList imp_forget, at::
           int64_t{0}, (args.numel + kChunk - 1) / kChunk, kGrainChunks, SelectResult{},
           [&](int64_t begin, int64_t end, SelectResult acc) { return combine(acc, select(args, begin, end)); },
           combine);
-      TORCH_CHECK_VALUE(!found.bad_forget, "ssd_dampen_: imp_forget[", op.index, "]" JIT_UNLEARN_SSD_INVALID_IMPORTANCE);
+      TORCH_CHECK_VALUE(!found.bad_forget, "ssd_dampen_: imp_forget[", op.index,
+                        "]" JIT_UNLEARN_SSD_INVALID_IMPORTANCE);
       TORCH_CHECK_VALUE(!found.bad_full, "ssd_dampen_: imp_full[", op.index, "]" JIT_UNLEARN_SSD_INVALID_IMPORTANCE);
       counts_ptr[op.index] = found.count;
     });
@@ -280,8 +281,6 @@ at::Tensor ssd_dampen_cpu(at::TensorList params, at::TensorList imp_forget, at::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(jit_unlearn, CPU, m) {
-  m.impl("ssd_dampen_", &ssd_dampen_cpu);
-}
+TORCH_LIBRARY_IMPL(jit_unlearn, CPU, m) { m.impl("ssd_dampen_", &ssd_dampen_cpu); }
 
 }  // namespace jit_unlearn

@@ -1,11 +1,11 @@
 // CPU kernel of accumulate_importance_: a loop over the tensors, each walked by a vectorised at::parallel_for kernel.
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-
-#include <vector>
 
 #include "common/importance_utils.h"
 #include "common/tensor_list_args.h"
@@ -24,8 +24,8 @@ struct AccumulateRange {
   static constexpr CpuIsa kMaxIsa = CpuIsa::kAvx512;
 
   template <CpuIsa kIsa>
-  static C10_ALWAYS_INLINE void run(acc_t* __restrict__ a, const grad_t* __restrict__ g, opmath_t scale,
-                                    int64_t begin, int64_t end) {
+  static C10_ALWAYS_INLINE void run(acc_t* __restrict__ a, const grad_t* __restrict__ g, opmath_t scale, int64_t begin,
+                                    int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       a[i] = static_cast<acc_t>(
           accumulate_importance<kMode>(static_cast<opmath_t>(a[i]), static_cast<opmath_t>(g[i]), scale));
@@ -76,8 +76,6 @@ void accumulate_importance_cpu(at::TensorList acc, at::TensorList grads, c10::st
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(jit_unlearn, CPU, m) {
-  m.impl("accumulate_importance_", &accumulate_importance_cpu);
-}
+TORCH_LIBRARY_IMPL(jit_unlearn, CPU, m) { m.impl("accumulate_importance_", &accumulate_importance_cpu); }
 
 }  // namespace jit_unlearn

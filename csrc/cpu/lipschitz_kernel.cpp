@@ -1,14 +1,14 @@
 // CPU kernels of lipschitz_ratio and _lipschitz_ratio_backward (rows in parallel, lane-split row sums).
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-
-#include <algorithm>
-#include <tuple>
-#include <type_traits>
-#include <vector>
 
 #include "common/lipschitz_checks.h"
 #include "common/lipschitz_utils.h"
@@ -194,8 +194,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cpu(const char* op, cons
   const at::Tensor den = contiguous_aligned(in_norm.to(acc_type));
   const at::Tensor g = contiguous_aligned(grad.to(acc_type));
   at::Tensor grad_out = at::empty({B, K}, out.options());
-  at::Tensor grad_pert = compute_perturbed_grad ? at::empty({N, B, K}, out_perturbed.options())
-                                                : at::empty({0}, out_perturbed.options());
+  at::Tensor grad_pert =
+      compute_perturbed_grad ? at::empty({N, B, K}, out_perturbed.options()) : at::empty({0}, out_perturbed.options());
   at::Tensor ratio = with_ratio ? at::empty({N, B}, out.options().dtype(acc_type)) : at::Tensor();
   if (B == 0 || (K == 0 && !with_ratio)) return {grad_out, grad_pert, ratio};
 

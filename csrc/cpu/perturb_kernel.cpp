@@ -149,9 +149,9 @@ struct PerturbRows {
       while (j < stop) {
         const uint64_t len = std::min<uint64_t>(stop - j, numel - col);
         const int64_t at = static_cast<int64_t>(col);
-        sq_sum += perturb_span<kIsa, kClamp>(a.x + x_row * a.row_numel + at, z + (j - 4 * group),
-                                             static_cast<int64_t>(len), a.sigma, a.lo, a.hi,
-                                             a.out + row * a.row_numel + at);
+        sq_sum +=
+            perturb_span<kIsa, kClamp>(a.x + x_row * a.row_numel + at, z + (j - 4 * group), static_cast<int64_t>(len),
+                                       a.sigma, a.lo, a.hi, a.out + row * a.row_numel + at);
         j += len;
         col += len;
         if (col == numel) {

@@ -1,11 +1,11 @@
 // CPU kernel of masked_reset_: a loop over the tensors, each walked by a vectorised at::parallel_for kernel.
+#include <utility>
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-
-#include <utility>
-#include <vector>
 
 #include "common/tensor_list_args.h"
 #include "cpu/cpu_isa.h"
@@ -68,8 +68,6 @@ void masked_reset_cpu(at::TensorList params, at::TensorList init, at::TensorList
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(jit_unlearn, CPU, m) {
-  m.impl("masked_reset_", &masked_reset_cpu);
-}
+TORCH_LIBRARY_IMPL(jit_unlearn, CPU, m) { m.impl("masked_reset_", &masked_reset_cpu); }
 
 }  // namespace jit_unlearn

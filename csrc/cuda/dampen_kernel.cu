@@ -8,14 +8,14 @@
 // importance of every tensor is valid.  Then one host read of the flag raises the error: a device-to-host
 // copy that waits for the kernels (ssd_dampen_ runs once per unlearning, and its caller reads the counts
 // anyway).  The counts' integer atomics give the same sums in every order.
+#include <cstdint>
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-
-#include <cstdint>
-#include <vector>
 
 #include "common/dampen_utils.h"
 #include "common/tensor_list_args.h"
@@ -147,9 +147,9 @@ struct DampenFunctor {
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           if (selected[k]) {
-            tv.v[k] = static_cast<param_t>(ssd_dampened<kApplyExponent>(
-                static_cast<opmath_t>(tv.v[k]), static_cast<opmath_t>(fv.v[k]), static_cast<opmath_t>(dv.v[k]), lam,
-                exponent));
+            tv.v[k] = static_cast<param_t>(ssd_dampened<kApplyExponent>(static_cast<opmath_t>(tv.v[k]),
+                                                                        static_cast<opmath_t>(fv.v[k]),
+                                                                        static_cast<opmath_t>(dv.v[k]), lam, exponent));
           }
         }
         cuda::store4(theta + i, tv);
@@ -246,8 +246,6 @@ at::Tensor ssd_dampen_cuda(at::TensorList params, at::TensorList imp_forget, at:
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(jit_unlearn, CUDA, m) {
-  m.impl("ssd_dampen_", &ssd_dampen_cuda);
-}
+TORCH_LIBRARY_IMPL(jit_unlearn, CUDA, m) { m.impl("ssd_dampen_", &ssd_dampen_cuda); }
 
 }  // namespace jit_unlearn

@@ -1,11 +1,11 @@
 // CUDA kernel of accumulate_importance_: one multi-tensor-apply launch per dtype group covers many tensors.
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-
-#include <vector>
 
 #include "common/importance_utils.h"
 #include "common/tensor_list_args.h"
@@ -74,26 +74,22 @@ void accumulate_importance_cuda(at::TensorList acc, at::TensorList grads, c10::s
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.dtypes[kAccIdx], "accumulate_importance_cuda", [&] {
       using acc_t = scalar_t;
       const auto scale_ = static_cast<at::opmath_type<acc_t>>(scale);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, group.dtypes[kGradIdx], "accumulate_importance_cuda",
-                                      [&] {
-                                        if (mode == ImportanceMode::kSquare) {
-                                          cuda::multi_tensor_apply<kAccumulateDepth>(
-                                              group.lists, group.list_index,
-                                              AccumulateFunctor<ImportanceMode::kSquare, acc_t, scalar_t>(), scale_);
-                                        } else {
-                                          cuda::multi_tensor_apply<kAccumulateDepth>(
-                                              group.lists, group.list_index,
-                                              AccumulateFunctor<ImportanceMode::kAbs, acc_t, scalar_t>(), scale_);
-                                        }
-                                      });
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, group.dtypes[kGradIdx], "accumulate_importance_cuda", [&] {
+            if (mode == ImportanceMode::kSquare) {
+              cuda::multi_tensor_apply<kAccumulateDepth>(
+                  group.lists, group.list_index, AccumulateFunctor<ImportanceMode::kSquare, acc_t, scalar_t>(), scale_);
+            } else {
+              cuda::multi_tensor_apply<kAccumulateDepth>(
+                  group.lists, group.list_index, AccumulateFunctor<ImportanceMode::kAbs, acc_t, scalar_t>(), scale_);
+            }
+          });
     });
   }
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(jit_unlearn, CUDA, m) {
-  m.impl("accumulate_importance_", &accumulate_importance_cuda);
-}
+TORCH_LIBRARY_IMPL(jit_unlearn, CUDA, m) { m.impl("accumulate_importance_", &accumulate_importance_cuda); }
 
 }  // namespace jit_unlearn

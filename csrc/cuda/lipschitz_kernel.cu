@@ -1,5 +1,8 @@
 // CUDA kernels of lipschitz_ratio and _lipschitz_ratio_backward (8 lanes per row, then per-(b, k) sums),
 // bitwise the CPU kernels: the same summation orders and the shared per-element maths (--fmad=false).
+#include <algorithm>
+#include <tuple>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -7,9 +10,6 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-
-#include <algorithm>
-#include <tuple>
 
 #include "common/lipschitz_checks.h"
 #include "common/lipschitz_utils.h"
@@ -129,10 +129,9 @@ at::Tensor lipschitz_ratio_cuda(const at::Tensor& out, const at::Tensor& out_per
 // The backward of both ops: (grad_out [B, K] in out.dtype, grad_out_perturbed [N, B, K] in
 // out_perturbed.dtype or [0], ratio [N, B] in opmath when with_ratio, else undefined).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, const at::Tensor& grad,
-                                                                    const at::Tensor& out,
-                                                                    const at::Tensor& out_perturbed,
-                                                                    const at::Tensor& in_norm,
-                                                                    bool compute_perturbed_grad, bool with_ratio) {
+                                                             const at::Tensor& out, const at::Tensor& out_perturbed,
+                                                             const at::Tensor& in_norm, bool compute_perturbed_grad,
+                                                             bool with_ratio) {
   check_lipschitz_args(op, out, out_perturbed, in_norm, at::kCUDA);
   check_lipschitz_grad(op, grad, out, out_perturbed);
   const c10::cuda::CUDAGuard device_guard(out.device());
@@ -143,8 +142,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_cuda(const char* op, con
   const at::Tensor den = contiguous_aligned(in_norm.to(acc_type));
   const at::Tensor g = contiguous_aligned(grad.to(acc_type));
   at::Tensor grad_out = at::empty({B, K}, out.options());
-  at::Tensor grad_pert = compute_perturbed_grad ? at::empty({N, B, K}, out_perturbed.options())
-                                                : at::empty({0}, out_perturbed.options());
+  at::Tensor grad_pert =
+      compute_perturbed_grad ? at::empty({N, B, K}, out_perturbed.options()) : at::empty({0}, out_perturbed.options());
   at::Tensor ratio = with_ratio ? at::empty({N, B}, out.options().dtype(acc_type)) : at::Tensor();
   const int64_t rows = N * B;
   if (grad_out.numel() == 0 && rows == 0) return {grad_out, grad_pert, ratio};

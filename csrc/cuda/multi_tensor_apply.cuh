@@ -98,8 +98,8 @@ __device__ __forceinline__ int block_reduce_sum(int value) {
 }
 
 template <typename Metadata, typename Functor, typename... Args>
-__global__ void __launch_bounds__(kBlockThreads) multi_tensor_apply_kernel(const Metadata meta, Functor functor,
-                                                                            Args... args) {
+__global__ void __launch_bounds__(kBlockThreads)
+    multi_tensor_apply_kernel(const Metadata meta, Functor functor, Args... args) {
   functor(meta, args...);
 }
 
@@ -173,9 +173,9 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const
 
 // One group of tensor tuples that share their dtypes, as multi_tensor_apply takes them.
 struct TensorGroup {
-  std::vector<at::ScalarType> dtypes;         // dtype of each list within the group
+  std::vector<at::ScalarType> dtypes;          // dtype of each list within the group
   std::vector<std::vector<at::Tensor>> lists;  // lists[k][t]
-  std::vector<int64_t> list_index;            // position of tuple t in the caller's lists
+  std::vector<int64_t> list_index;             // position of tuple t in the caller's lists
 };
 
 // Adds tuple `tensors` (one tensor per list, caller position `index`) to the group of its dtypes.

@@ -110,9 +110,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t first_row = info.first_row;
     const int span_count = info.span_count;
     // Span s is row first_row + s's part of the chunk, [begin, end) relative to `first`.
-    const auto span_begin = [&](int s) {
-      return s == 0 ? 0 : static_cast<int>((first_row + s) * row_numel - first);
-    };
+    const auto span_begin = [&](int s) { return s == 0 ? 0 : static_cast<int>((first_row + s) * row_numel - first); };
     const auto span_end = [&](int s) {
       const int64_t row_end = (first_row + s + 1) * row_numel - first;
       return static_cast<int>(row_end < n ? row_end : n);
@@ -229,22 +227,22 @@ void perturb_into_cuda(const at::Tensor& x_in, int64_t num_samples, double sigma
           x_ptr, out_ptr, norm_ptr, spans_ptr, lo.const_data_ptr<scalar_t>(), hi.const_data_ptr<scalar_t>(), x_numel,
           row_numel, total, chunks, sigma_op, useed, uoffset, vec_x, vec_out);
     } else {
-      perturb_chunks_kernel<false, scalar_t, opmath_t><<<blocks, kThreads, 0, stream>>>(
-          x_ptr, out_ptr, norm_ptr, spans_ptr, nullptr, nullptr, x_numel, row_numel, total, chunks, sigma_op, useed,
-          uoffset, vec_x, vec_out);
+      perturb_chunks_kernel<false, scalar_t, opmath_t>
+          <<<blocks, kThreads, 0, stream>>>(x_ptr, out_ptr, norm_ptr, spans_ptr, nullptr, nullptr, x_numel, row_numel,
+                                            total, chunks, sigma_op, useed, uoffset, vec_x, vec_out);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (crossing) {
-      const int row_blocks = static_cast<int>(std::min<int64_t>((rows + kThreads - 1) / kThreads,
-                                                                static_cast<int64_t>(sm_count) * kBlocksPerSm));
+      const int row_blocks = static_cast<int>(
+          std::min<int64_t>((rows + kThreads - 1) / kThreads, static_cast<int64_t>(sm_count) * kBlocksPerSm));
       perturb_rows_kernel<opmath_t><<<row_blocks, kThreads, 0, stream>>>(spans_ptr, norm_ptr, rows, row_numel);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> perturb_cuda(const at::Tensor& x, int64_t num_samples, double sigma,
-                                                int64_t seed, int64_t offset, bool clamp) {
+std::tuple<at::Tensor, at::Tensor> perturb_cuda(const at::Tensor& x, int64_t num_samples, double sigma, int64_t seed,
+                                                int64_t offset, bool clamp) {
   check_perturb_args(x, num_samples, sigma);
   TORCH_CHECK_VALUE(x.is_cuda(), "perturb: x: expected a CUDA tensor, got device ", x.device());
   const c10::cuda::CUDAGuard device_guard(x.device());
@@ -253,8 +251,8 @@ std::tuple<at::Tensor, at::Tensor> perturb_cuda(const at::Tensor& x, int64_t num
   return {x_tilde, in_norm};
 }
 
-void perturb_out_cuda(const at::Tensor& x, int64_t num_samples, double sigma, int64_t seed, int64_t offset,
-                      bool clamp, at::Tensor x_tilde, at::Tensor in_norm) {
+void perturb_out_cuda(const at::Tensor& x, int64_t num_samples, double sigma, int64_t seed, int64_t offset, bool clamp,
+                      at::Tensor x_tilde, at::Tensor in_norm) {
   check_perturb_args(x, num_samples, sigma);
   TORCH_CHECK_VALUE(x.is_cuda(), "_perturb_out: x: expected a CUDA tensor, got device ", x.device());
   check_perturb_out(x, num_samples, x_tilde, in_norm);

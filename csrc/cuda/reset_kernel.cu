@@ -1,11 +1,11 @@
 // CUDA kernel of masked_reset_: one multi-tensor-apply launch per parameter dtype covers many tensors.
+#include <cstdint>
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-
-#include <cstdint>
-#include <vector>
 
 #include "common/tensor_list_args.h"
 #include "cuda/multi_tensor_apply.cuh"
@@ -83,8 +83,6 @@ void masked_reset_cuda(at::TensorList params, at::TensorList init, at::TensorLis
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(jit_unlearn, CUDA, m) {
-  m.impl("masked_reset_", &masked_reset_cuda);
-}
+TORCH_LIBRARY_IMPL(jit_unlearn, CUDA, m) { m.impl("masked_reset_", &masked_reset_cuda); }
 
 }  // namespace jit_unlearn
