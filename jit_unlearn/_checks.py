@@ -12,6 +12,8 @@ from collections.abc import Collection, Sequence
 
 import torch
 
+from .torch_ops import FLOAT_DTYPES
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 UINT64_END = 2**64
 
@@ -117,7 +119,7 @@ def float_tensor(value, name: str) -> torch.Tensor:
     """A floating-point tensor (float32, float64, float16 or bfloat16)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {_type_name(value)}")
-    if not value.is_floating_point():
+    if value.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name}: expected a floating-point tensor (float32/float64/float16/bfloat16), got {value.dtype}"
         )

@@ -16,7 +16,7 @@ import torch
 
 from . import _backend
 from . import _checks as checks
-from .torch_ops import opmath_dtype
+from .torch_ops import check_no_overlap, opmath_dtype
 
 __all__ = [
     "perturb",
@@ -122,15 +122,27 @@ def lipschitz_ratio_backward(
 
 
 def _dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+    dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+    # element-aligned too (the kernels refuse to write foreign memory at an odd address)
+    return dense and (
+        torch.compiler.is_compiling()
+        or t.device.type == "meta"
+        or t.numel() == 0
+        or t.data_ptr() % t.element_size() == 0
+    )
+
+
+def _overlap_operands(lists, names):
+    """(tensor, "name[i]", written) triples for torch_ops.check_no_overlap; the first list is written."""
+    return [(t, f"{name}[{i}]", k == 0) for k, (lst, name) in enumerate(zip(lists, names)) for i, t in enumerate(lst)]
 
 
 def _run_inplace(targets: Sequence[torch.Tensor], run):
-    """Call run(list) on in-place targets (checked `writable` by the caller); strided views (which the
-    kernels reject) go through a dense temporary that is copied back without autograd (as the kernels
-    write a parameter that requires grad), so every tier accepts the same inputs and no copy fails
-    after another target was written."""
-    work = [t if _dense(t) else t.contiguous() for t in targets]
+    """Call run(list) on in-place targets (checked `writable` by the caller); strided or misaligned
+    views (which the kernels reject) go through a dense temporary that is copied back without
+    autograd (as the kernels write a parameter that requires grad), so every tier accepts the same
+    inputs and no copy fails after another target was written."""
+    work = [t if _dense(t) else t.clone(memory_format=torch.contiguous_format) for t in targets]
     result = run(work)
     with torch.no_grad():
         for t, w in zip(targets, work):
@@ -152,6 +164,7 @@ def accumulate_importance_(
     checks.writable(acc, "acc")
     if not acc:
         return
+    check_no_overlap("accumulate_importance_", _overlap_operands([acc, grads], ["acc", "grads"]))
     accumulate = _backend.kernel("accumulate_importance_", checks.list_device(acc))
     _run_inplace(acc, lambda a: accumulate(a, list(grads), mode, scale))
 
@@ -172,6 +185,8 @@ def ssd_dampen_(
         alpha: selection threshold, finite and >= 0.  lam: >= 0.  exponent: finite.
     Returns:
         int64 [T] tensor of selected-element counts per parameter, on the parameters' device.
+    Importances must be >= 0 (a negative or NaN one raises ValueError before anything is written), and
+    no parameter may share memory with another operand.
     """
     checks.tensor_lists(
         [params, imp_forget, imp_full], ["params", "imp_forget", "imp_full"], floating=["imp_forget", "imp_full"]
@@ -182,6 +197,9 @@ def ssd_dampen_(
     checks.writable(params, "params")
     if not params:
         return torch.zeros(0, dtype=torch.int64)
+    check_no_overlap(
+        "ssd_dampen_", _overlap_operands([params, imp_forget, imp_full], ["params", "imp_forget", "imp_full"])
+    )
     dampen = _backend.kernel("ssd_dampen_", checks.list_device(params))
     return _run_inplace(params, lambda p: dampen(p, list(imp_forget), list(imp_full), alpha, lam, exponent))
 
@@ -197,5 +215,6 @@ def masked_reset_(params: Sequence[torch.Tensor], init: Sequence[torch.Tensor], 
     checks.writable(params, "params")
     if not params:
         return
+    check_no_overlap("masked_reset_", _overlap_operands([params, init, masks], ["params", "init", "masks"]))
     reset = _backend.kernel("masked_reset_", checks.list_device(params))
     _run_inplace(params, lambda p: reset(p, list(init), list(masks)))

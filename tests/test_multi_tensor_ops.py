@@ -135,23 +135,24 @@ def test_ssd_dampen_hand_computed(backend, fn_name):
 
 @requires_compiled
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ssd_dampen_ties_zeros_inf_nan(dtype):
-    inf, nan = math.inf, math.nan
+def test_ssd_dampen_ties_zeros_inf(dtype):
+    # NaN importances raise (tests/test_kernel_safety.py)
+    inf = math.inf
     big = 1e38 if dtype == torch.float32 else 5e307
-    #            tie   d=0  both0 f=0  f=inf  both inf d=inf f=nan d=nan  inf/inf  normal
-    f = torch.tensor([6.0, 2.0, 0.0, 0.0, inf, inf, 1.0, nan, 1.0, inf, 9.0], dtype=dtype)
-    d = torch.tensor([2.0, 0.0, 0.0, 1.0, 1.0, inf, inf, 1.0, nan, big, 1.0], dtype=dtype)
-    theta = torch.tensor([1.5, -2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0], dtype=dtype)
+    #            tie   d=0  both0 f=0  f=inf  both inf d=inf inf/inf  normal
+    f = torch.tensor([6.0, 2.0, 0.0, 0.0, inf, inf, 1.0, inf, 9.0], dtype=dtype)
+    d = torch.tensor([2.0, 0.0, 0.0, 1.0, 1.0, inf, inf, big, 1.0], dtype=dtype)
+    theta = torch.tensor([1.5, -2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 10.0, 11.0], dtype=dtype)
     # alpha = 3 (f == 3 d at element 0 is a tie; 3 big is finite), lam = 4 (4 big overflows to inf)
     ours, ref = [theta.clone()], [theta.clone()]
     counts = _op("ssd_dampen_")(ours, [f], [d], 3.0, 4.0, 1.0)
     ref_counts = torch_ops.ssd_dampen_(ref, [f], [d], 3.0, 4.0, 1.0)
-    # selected: d=0 (1), f=inf with finite d (4), inf/inf (9), normal (10)
+    # selected: d=0 (1), f=inf with finite d (4), inf/inf (7), normal (8)
     assert counts.tolist() == [4] and ref_counts.tolist() == [4]
     expected = theta.clone()
     expected[1] = -0.0
     expected[4] = 0.0
-    expected[10] = theta[10] * (torch.tensor(4.0, dtype=dtype) / 9.0)
+    expected[8] = theta[8] * (torch.tensor(4.0, dtype=dtype) / 9.0)
     assert_bitwise(ours[0], expected)
     assert_bitwise(ours[0], ref[0])
     assert torch.isfinite(ours[0]).all()
@@ -159,7 +160,7 @@ def test_ssd_dampen_ties_zeros_inf_nan(dtype):
     p = [theta.clone()]
     _op("ssd_dampen_")(p, [f], [d], 0.0, 1.0, 1.0)
     assert torch.isfinite(p[0]).all()
-    assert p[0][6] == theta[6] and p[0][8] == theta[8]
+    assert p[0][6] == theta[6]
 
 
 @requires_compiled
