@@ -254,3 +254,39 @@ def test_baselines_name_data_with_nan():
         baselines.scrub(model, DataLoader(TensorDataset(x, y), batch_size=4), TensorDataset(torch.randn(12, 4), y),
                         epochs=1, batch_size=4, progress=False)  # fmt: skip
     assert _same(model, saved)
+
+
+@pytest.mark.parametrize("name", ["supreme_assd", "published"])
+def test_drop_ins_check_the_parameters_after_dampening(name, monkeypatch):
+    from jit_unlearn.integrations import published, supreme
+    from stand_in_fabric import StandInFabric
+
+    _broken_kernel(monkeypatch, "ssd_dampen_")
+    model = _mlp()
+    saved = _snapshot(model)
+    forget = DataLoader(TensorDataset(_X[:4], torch.arange(4), _Y[:4]), batch_size=4)
+    full = DataLoader(TensorDataset(_X, torch.arange(8), _Y), batch_size=4)
+    if name == "published":
+        params = {"lower_bound": 1, "exponent": 1, "dampening_constant": 1, "selection_weighting": 0.5}
+        imp = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(2)) for n, p in model.named_parameters()}
+        with pytest.raises(FloatingPointError, match="modify_weight: the run wrote non-finite values"):
+            published.ParameterPerturber(model, None, "cpu", params).modify_weight(
+                imp, {n: 4 * t for n, t in imp.items()}
+            )
+    else:
+        with pytest.raises(FloatingPointError, match="assd: the run wrote non-finite values"):
+            supreme.assd(StandInFabric(), 1, False, model, forget, full, 1.0, 0.5)
+    assert _same(model, saved)
+
+
+def test_supreme_jit_names_a_forget_batch_with_nan():
+    from jit_unlearn.integrations import supreme
+    from stand_in_fabric import StandInFabric
+
+    x = torch.cat(_nan_batches(2))
+    loader = DataLoader(TensorDataset(x, torch.arange(12), torch.arange(12) % 3), batch_size=4)
+    model = _mlp()
+    saved = _snapshot(model)
+    with pytest.raises(ValueError, match=r"forget_train_dataloader: batch 2 \(counting from 0\) holds NaN or inf"):
+        supreme.jit(StandInFabric(), 1, False, model, loader, n_samples=2, learning_rate=0.01)
+    assert _same(model, saved)

@@ -17,41 +17,9 @@ import jit_unlearn
 import published
 from jit_unlearn.integrations import supreme as sup
 from jit_unlearn.models import MLP, SmallCNN
+from stand_in_fabric import StandInFabric
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class StandInFabric:
-    """The members of lightning's Fabric that SUPREME's methods use, for one CPU process; it
-    records what was called.  `broadcast` is for SUPREME's own assd."""
-
-    def __init__(self):
-        self.device = torch.device("cpu")
-        self.global_rank = 0
-        self.world_size = 1
-        self.calls = []
-        self.printed = []
-
-    def setup(self, module, *optimizers):
-        self.calls.append("setup")
-        return (module, *optimizers) if optimizers else module
-
-    def backward(self, loss, **kwargs):
-        self.calls.append("backward")
-        loss.backward(**kwargs)
-
-    def all_reduce(self, tensor, group=None, reduce_op="mean"):
-        self.calls.append("all_reduce")
-        return tensor
-
-    def broadcast(self, obj, src=0):
-        return obj
-
-    def barrier(self, name=None):
-        self.calls.append("barrier")
-
-    def print(self, *args, **kwargs):
-        self.printed.append(" ".join(map(str, args)))
 
 
 def _cnn(seed=0, dropout=0.2):

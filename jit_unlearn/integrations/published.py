@@ -30,15 +30,10 @@ import torch
 
 import jit_unlearn
 
-from ._common import (
-    batch_input,
-    check_importance_values,
-    check_int,
-    check_module,
-    check_real,
-    optimizer_params,
-    trainable,
-)
+from .. import _checks as checks
+from .._safety import protected
+from .._utils import batch_input
+from ._common import check_importance_values, optimizer_params, trainable
 
 __all__ = ["ParameterPerturber", "LabelFreeParameterPerturber", "Lipschitz"]
 
@@ -144,14 +139,12 @@ class ParameterPerturber:
         *,
         label_free: bool = False,
     ):
-        self.model = check_module(model)
+        self.model = checks.module(model)
         self.opt = opt
         self.device = device
         self.alpha = None
         self.xmin = None
-        if not isinstance(label_free, bool):
-            raise TypeError(f"label_free: expected a bool, got {type(label_free).__name__}")
-        self.label_free = label_free
+        self.label_free = checks.boolean(label_free, "label_free")
         for key, value in _read_parameters(parameters, _SSD_KEYS, _SSD_USED).items():
             setattr(self, key, value)
         if opt is not None:
@@ -178,12 +171,13 @@ class ParameterPerturber:
 
         As published, the two dicts are paired with `model.named_parameters()` by position (the
         shorter sequence ends the pairing); each tensor must have its parameter's shape and hold
-        finite values >= 0.  Everything is checked before any parameter changes.
+        finite values >= 0.  Everything is checked before any parameter changes; if the dampening
+        fails or is interrupted (KeyboardInterrupt included), the model is restored bitwise.
         """
-        alpha = check_real(self.selection_weighting, "parameters['selection_weighting']", low=0.0)
-        lam = check_real(self.dampening_constant, "parameters['dampening_constant']", low=0.0)
-        exponent = check_real(self.exponent, "parameters['exponent']")
-        if check_real(self.lower_bound, "parameters['lower_bound']") != 1.0:
+        alpha = checks.real(self.selection_weighting, "parameters['selection_weighting']", low=0.0)
+        lam = checks.real(self.dampening_constant, "parameters['dampening_constant']", low=0.0)
+        exponent = checks.real(self.exponent, "parameters['exponent']")
+        if checks.real(self.lower_bound, "parameters['lower_bound']") != 1.0:
             raise ValueError(
                 f"parameters['lower_bound']: only 1 is supported (factors capped at 1), got {self.lower_bound}"
             )
@@ -206,8 +200,12 @@ class ParameterPerturber:
             fs[fkey] = f.detach().to(p.device)
         check_importance_values(ds, "original_importance")
         check_importance_values(fs, "forget_importance")
-        with torch.no_grad():
-            jit_unlearn.ops.ssd_dampen_(params, list(fs.values()), list(ds.values()), alpha, lam, exponent)
+
+        def dampen(snapshot) -> None:
+            with torch.no_grad():
+                jit_unlearn.ops.ssd_dampen_(params, list(fs.values()), list(ds.values()), alpha, lam, exponent)
+
+        return protected(self.model, dampen, method="modify_weight")
 
 
 class LabelFreeParameterPerturber(ParameterPerturber):
@@ -230,16 +228,16 @@ class Lipschitz:
     """
 
     def __init__(self, model: torch.nn.Module, opt, device=_DEFAULT_DEVICE, parameters: dict | None = None):
-        self.model = check_module(model)
+        self.model = checks.module(model)
         self.opt = opt
         self.device = device
         self.alpha = None
         self.xmin = None
         for key, value in _read_parameters(parameters, _JIT_KEYS, _JIT_USED).items():
             setattr(self, key, value)
-        check_real(self.lipschitz_weighting, "parameters['lipschitz_weighting']", low=0.0, strict=True)
-        check_real(self.learning_rate, "parameters['learning_rate']", low=0.0)
-        check_int(self.n_samples, "parameters['n_samples']", low=1)
+        checks.real(self.lipschitz_weighting, "parameters['lipschitz_weighting']", low=0.0, low_open=True)
+        checks.real(self.learning_rate, "parameters['learning_rate']", low=0.0)
+        checks.integer(self.n_samples, "parameters['n_samples']", low=1)
         if opt is not None:
             optimizer_params(opt)
         self.report = None
@@ -299,5 +297,5 @@ class Lipschitz:
         )
 
     def _input(self, batch) -> torch.Tensor:
-        x = batch_input(batch, "forget_dl").to(self.device)
+        x = batch_input(batch, name="forget_dl").to(self.device)
         return x.unsqueeze(0) if x.dim() == 3 else x

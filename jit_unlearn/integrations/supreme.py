@@ -10,8 +10,11 @@ Same names, signatures and semantics as `supreme.methods.unlearning_methods.<nam
 Batches are SUPREME's (x, index, y) triples.  `fabric` is a lightning Fabric or any object with the
 members used here: `setup`, `backward`, `all_reduce`, `barrier`, `print`, `device`, `global_rank`.
 Neither SUPREME, Lightning nor wandb is imported (wandb's config is updated only when the caller
-has imported it).  Each function returns the model as SUPREME's does and, if it fails, leaves the
-parameters, buffers and train/eval flags bitwise as they were.
+has imported it).  Each function returns the model as SUPREME's does.  As every jit_unlearn method
+(`_safety.protected`), it checks its arguments before anything changes, and if it fails
+(KeyboardInterrupt included) it leaves the parameters, buffers, the caller's `.grad` and the
+train/eval flags bitwise as they were; a run that would write NaN or inf into the parameters or
+buffers raises FloatingPointError instead.
 
 Agreement with SUPREME (one process; docs/METHODS.md §1-2 hold the maths):
 - ssd, lfssd: bitwise (`jit_unlearn.ssd` / `lf_ssd`: the published batch-average importances).
@@ -51,7 +54,10 @@ from torch.utils.data import DataLoader
 
 import jit_unlearn
 
-from ._common import all_finite, batch_input, check_int, check_module, check_real, restore_on_failure, trainable, unwrap
+from .. import _checks as checks
+from .._safety import BatchChecks, protected
+from .._utils import batch_input
+from ._common import trainable, unwrap
 
 __all__ = ["jit", "ssd", "lfssd", "assd", "ssd_det", "lfssd_det", "register", "plugin_setup", "METHODS", "ENV_VAR"]
 
@@ -104,7 +110,7 @@ def _log_config(fabric, enabled: bool, config: dict) -> None:
 def _placed(fabric, model, kwargs) -> tuple[torch.nn.Module, torch.nn.Module]:
     """SUPREME's placement of a parameter-surgery method's model: set up with Fabric under "ddp"
     (the default), else moved to fabric.device unwrapped.  Returns (what to return, what to compute on)."""
-    raw = unwrap(check_module(model))
+    raw = unwrap(checks.model(model))
     if kwargs.get("distributed_strategy_name", "ddp") != "ddp":
         placed = raw.to(fabric.device)
     else:
@@ -155,8 +161,8 @@ def _ssd_family(
     per_sample: bool,
 ):
     _check_fabric(fabric)
-    lam = check_real(dampening_constant, "dampening_constant", low=0.0)
-    alpha = check_real(selection_weighting, "selection_weighting", low=0.0, strict=method != "assd")
+    lam = checks.real(dampening_constant, "dampening_constant", low=0.0)
+    alpha = checks.real(selection_weighting, "selection_weighting", low=0.0, low_open=method != "assd")
     forget = _check_loader(forget_train_dataloader, "forget_train_dataloader")
     full = _check_loader(full_train_dataloader, "full_train_dataloader")
     if method == "assd":
@@ -177,168 +183,101 @@ def _ssd_family(
         },
     )
     fabric.barrier()
-    with restore_on_failure(net):
+
+    def body(snapshot) -> torch.nn.Module:
         placed.eval()
-        if method == "assd":
-            imp_f = jit_unlearn.importances(net, forget, kind=kind, progress=False, name="forget_train_dataloader")
-            imp_d = jit_unlearn.importances(net, full, kind=kind, progress=False, name="full_train_dataloader")
-            for imp, name in ((imp_f, "forget_train_dataloader"), (imp_d, "full_train_dataloader")):
-                if imp.invalid:
-                    raise ValueError(f"{name}: importances hold NaN or inf in {imp.invalid[:3]}; nothing was changed")
-            alpha = _supreme_assd_alpha(fabric, imp_f, imp_d, *sizes)
-            fabric.print(f"assd: adaptive selection_weighting (alpha) {alpha:.6f}")
-            params = [p for _, p in net.named_parameters()]
-            with torch.no_grad():
-                jit_unlearn.ops.ssd_dampen_(
-                    params,
-                    [imp_f[n] for n, _ in net.named_parameters()],
-                    [imp_d[n] for n, _ in net.named_parameters()],
-                    alpha,
-                    lam,
-                    1.0,
-                )
-        else:
+        if method != "assd":
             run = jit_unlearn.lf_ssd if kind == "output_norm" else jit_unlearn.ssd
             run(net, forget, full, alpha=alpha, lam=lam, per_sample=per_sample, progress=False)
-    return placed
+            return placed
+        imp_f = jit_unlearn.importances(net, forget, kind=kind, progress=False, name="forget_train_dataloader")
+        imp_d = jit_unlearn.importances(net, full, kind=kind, progress=False, name="full_train_dataloader")
+        for imp, name in ((imp_f, "forget_train_dataloader"), (imp_d, "full_train_dataloader")):
+            if imp.invalid:
+                raise ValueError(f"{name}: importances hold NaN or inf in {imp.invalid[:3]}; nothing was changed")
+        adaptive = _supreme_assd_alpha(fabric, imp_f, imp_d, *sizes)
+        fabric.print(f"assd: adaptive selection_weighting (alpha) {adaptive:.6f}")
+        names = [n for n, _ in net.named_parameters()]
+        with torch.no_grad():
+            jit_unlearn.ops.ssd_dampen_(
+                [p for _, p in net.named_parameters()],
+                [imp_f[n] for n in names],
+                [imp_d[n] for n in names],
+                adaptive,
+                lam,
+                1.0,
+            )
+        return placed
+
+    return protected(net, body, method=method)
 
 
-def ssd(
-    fabric,
-    num_gpus: int,
-    wandb_logging_flag: bool,
-    model: torch.nn.Module,
-    forget_train_dataloader,
-    full_train_dataloader,
-    dampening_constant: float,
-    selection_weighting: float,
-    **kwargs,
-) -> torch.nn.Module:
-    """SUPREME's `ssd`: Selective Synaptic Dampening with lambda = dampening_constant and alpha =
+def _ssd_method(name: str, *, kind: str, per_sample: bool, doc: str):
+    """SUPREME's parameter-surgery method `name` (its signature), computed by `_ssd_family`."""
+
+    def method(
+        fabric,
+        num_gpus: int,
+        wandb_logging_flag: bool,
+        model: torch.nn.Module,
+        forget_train_dataloader,
+        full_train_dataloader,
+        dampening_constant: float,
+        selection_weighting: float,
+        **kwargs,
+    ) -> torch.nn.Module:
+        return _ssd_family(
+            name,
+            fabric,
+            wandb_logging_flag,
+            model,
+            forget_train_dataloader,
+            full_train_dataloader,
+            dampening_constant,
+            selection_weighting,
+            kwargs,
+            kind=kind,
+            per_sample=per_sample,
+        )
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = doc
+    return method
+
+
+ssd = _ssd_method(
+    "ssd",
+    kind="fisher",
+    per_sample=False,
+    doc="""SUPREME's `ssd`: Selective Synaptic Dampening with lambda = dampening_constant and alpha =
     selection_weighting (> 0); importances are batch averages of squared cross-entropy gradients on
-    the forget and the full training loaders, model in eval mode.  Returns the (Fabric-set-up) model."""
-    return _ssd_family(
-        "ssd",
-        fabric,
-        wandb_logging_flag,
-        model,
-        forget_train_dataloader,
-        full_train_dataloader,
-        dampening_constant,
-        selection_weighting,
-        kwargs,
-        kind="fisher",
-        per_sample=False,
-    )
-
-
-def lfssd(
-    fabric,
-    num_gpus: int,
-    wandb_logging_flag: bool,
-    model: torch.nn.Module,
-    forget_train_dataloader,
-    full_train_dataloader,
-    dampening_constant: float,
-    selection_weighting: float,
-    **kwargs,
-) -> torch.nn.Module:
-    """SUPREME's `lfssd`: `ssd` with the label-free importances (|gradient| of mean_i ||f(x_i)||^2)."""
-    return _ssd_family(
-        "lfssd",
-        fabric,
-        wandb_logging_flag,
-        model,
-        forget_train_dataloader,
-        full_train_dataloader,
-        dampening_constant,
-        selection_weighting,
-        kwargs,
-        kind="output_norm",
-        per_sample=False,
-    )
-
-
-def ssd_det(
-    fabric,
-    num_gpus: int,
-    wandb_logging_flag: bool,
-    model: torch.nn.Module,
-    forget_train_dataloader,
-    full_train_dataloader,
-    dampening_constant: float,
-    selection_weighting: float,
-    **kwargs,
-) -> torch.nn.Module:
-    """SUPREME's `ssd_det`: `ssd` with per-sample importances (1/n) sum_i g_i^2, independent of batching."""
-    return _ssd_family(
-        "ssd_det",
-        fabric,
-        wandb_logging_flag,
-        model,
-        forget_train_dataloader,
-        full_train_dataloader,
-        dampening_constant,
-        selection_weighting,
-        kwargs,
-        kind="fisher",
-        per_sample=True,
-    )
-
-
-def lfssd_det(
-    fabric,
-    num_gpus: int,
-    wandb_logging_flag: bool,
-    model: torch.nn.Module,
-    forget_train_dataloader,
-    full_train_dataloader,
-    dampening_constant: float,
-    selection_weighting: float,
-    **kwargs,
-) -> torch.nn.Module:
-    """SUPREME's `lfssd_det`: `lfssd` with per-sample importances (1/n) sum_i |g_i|."""
-    return _ssd_family(
-        "lfssd_det",
-        fabric,
-        wandb_logging_flag,
-        model,
-        forget_train_dataloader,
-        full_train_dataloader,
-        dampening_constant,
-        selection_weighting,
-        kwargs,
-        kind="output_norm",
-        per_sample=True,
-    )
-
-
-def assd(
-    fabric,
-    num_gpus: int,
-    wandb_logging_flag: bool,
-    model: torch.nn.Module,
-    forget_train_dataloader,
-    full_train_dataloader,
-    dampening_constant: float,
-    selection_weighting: float,
-    **kwargs,
-) -> torch.nn.Module:
-    """SUPREME's `assd`: SSD with alpha chosen from the importances (see the module docstring);
-    `selection_weighting` is only the logged initial value, lambda is `dampening_constant`."""
-    return _ssd_family(
-        "assd",
-        fabric,
-        wandb_logging_flag,
-        model,
-        forget_train_dataloader,
-        full_train_dataloader,
-        dampening_constant,
-        selection_weighting,
-        kwargs,
-        kind="fisher",
-        per_sample=False,
-    )
+    the forget and the full training loaders, model in eval mode.  Returns the (Fabric-set-up) model.""",
+)
+lfssd = _ssd_method(
+    "lfssd",
+    kind="output_norm",
+    per_sample=False,
+    doc="SUPREME's `lfssd`: `ssd` with the label-free importances (|gradient| of mean_i ||f(x_i)||^2).",
+)
+ssd_det = _ssd_method(
+    "ssd_det",
+    kind="fisher",
+    per_sample=True,
+    doc="SUPREME's `ssd_det`: `ssd` with per-sample importances (1/n) sum_i g_i^2, independent of batching.",
+)
+lfssd_det = _ssd_method(
+    "lfssd_det",
+    kind="output_norm",
+    per_sample=True,
+    doc="SUPREME's `lfssd_det`: `lfssd` with per-sample importances (1/n) sum_i |g_i|.",
+)
+assd = _ssd_method(
+    "assd",
+    kind="fisher",
+    per_sample=False,
+    doc="""SUPREME's `assd`: SSD with alpha chosen from the importances (see the module docstring);
+    `selection_weighting` is only the logged initial value, lambda is `dampening_constant`.""",
+)
 
 
 # ---------------------------------------------------------------- JiT
@@ -368,12 +307,13 @@ def _noisy(x: torch.Tensor, sigma: float, device) -> torch.Tensor:
     return torch.clamp(x + torch.randn(x.size()).to(device) * sigma + 0.0, min=lo, max=hi)
 
 
-def _supreme_jit_epoch(fabric, wrapped, twin: _EvalTwin, sgd, loader, n_samples: int, sigma: float, device):
-    """One pass of SUPREME's JiT loop; returns (sum of batch losses as a tensor, batches)."""
+def _supreme_jit_epoch(fabric, wrapped, twin: _EvalTwin, sgd, loader, n_samples: int, sigma: float, device, data):
+    """One pass of SUPREME's JiT loop; returns (sum of batch losses as a tensor, batches).  `data`: the
+    checks of the batches' inputs (BatchChecks)."""
     wrapped.train()
     loss_sum, batches = torch.zeros((), dtype=torch.float64, device=device), 0
     for batch in loader:
-        x = batch_input(batch, "forget_train_dataloader")
+        x = data.inputs(batch_input(batch, name=data.name), batches)
         image = x.unsqueeze(0) if x.dim() == 3 else x
         sgd.zero_grad()
         twin.sync()
@@ -416,45 +356,44 @@ def jit(
     through an eval-mode copy of the model as it was at the start of the batch; loss =
     (1/N) sum_n |sum_i ||f(x_i) - f'(x~_ni)|| / ||x_i - x~_ni|| |; fabric.backward; one SGD step
     with learning_rate.  The model is left in train mode.  Returns the Fabric-set-up model.
-    A run that would write inf or NaN into the parameters raises FloatingPointError instead.
+    A batch holding NaN or inf raises ValueError naming it; a run that would write inf or NaN into
+    the parameters raises FloatingPointError; either way the model is restored.
     """
     _check_fabric(fabric)
-    check_int(n_epochs, "n_epochs", low=0)
-    check_int(n_samples, "n_samples", low=1)
-    lr = check_real(learning_rate, "learning_rate", low=0.0)
-    sigma = check_real(jit_weighting, "jit_weighting", low=0.0, strict=True)
+    checks.integer(n_epochs, "n_epochs", low=0)
+    checks.integer(n_samples, "n_samples", low=1)
+    lr = checks.real(learning_rate, "learning_rate", low=0.0)
+    sigma = checks.real(jit_weighting, "jit_weighting", low=0.0, low_open=True)
     loader = _check_loader(forget_train_dataloader, "forget_train_dataloader")
-    mode = kwargs.get("jit_unlearn_mode", "supreme")
-    if mode not in ("supreme", "default"):
-        raise ValueError(f"jit_unlearn_mode: expected 'supreme' or 'default', got {mode!r}")
-    raw = unwrap(check_module(model))
+    mode = checks.choice(kwargs.get("jit_unlearn_mode", "supreme"), "jit_unlearn_mode", ("supreme", "default"))
+    seed = checks.integer(kwargs.get("seed", 0), "seed") if mode == "default" else 0
+    raw = unwrap(checks.model(model))
     if not trainable(raw):
         raise ValueError("model: has no trainable parameters")
     sgd = torch.optim.SGD(raw.parameters(), lr=lr)
     wrapped, sgd = fabric.setup(raw, sgd)
     net, device = unwrap(wrapped), fabric.device
-    with restore_on_failure(net):
+
+    def body(snapshot) -> torch.nn.Module:
         if mode == "default":
-            seed = kwargs.get("seed", 0)
             for epoch in range(n_epochs):
-                inputs = (batch_input(b, "forget_train_dataloader") for b in loader)
+                inputs = (batch_input(b, name="forget_train_dataloader") for b in loader)
                 jit_unlearn.jit(
                     net, inputs, sigma=sigma, lr=lr, num_samples=n_samples, seed=seed + epoch, progress=False
                 )
             return wrapped
         twin = _EvalTwin(net)
+        data = BatchChecks("forget_train_dataloader")
         for epoch in range(n_epochs):
-            loss_sum, batches = _supreme_jit_epoch(fabric, wrapped, twin, sgd, loader, n_samples, sigma, device)
+            loss_sum, batches = _supreme_jit_epoch(fabric, wrapped, twin, sgd, loader, n_samples, sigma, device, data)
+            data.verify()
             totals = torch.stack([loss_sum, torch.tensor(float(batches), dtype=torch.float64, device=device)])
             reduced = fabric.all_reduce(totals)
             total_loss, total_batches = (totals if reduced is None else reduced).tolist()
             fabric.print(f"JIT epoch {epoch + 1}/{n_epochs}: mean loss {total_loss / max(total_batches, 1):.6f}")
-        if not all_finite(net.parameters()):
-            raise FloatingPointError(
-                "jit: the SGD steps wrote inf or NaN into the parameters; the model was "
-                "restored.  A smaller learning_rate or a larger jit_weighting may help"
-            )
-    return wrapped
+        return wrapped
+
+    return protected(net, body, method="jit", hint="a smaller learning_rate or a larger jit_weighting may help")
 
 
 # ---------------------------------------------------------------- registration with SUPREME
