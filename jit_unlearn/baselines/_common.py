@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -147,6 +148,15 @@ def count(data) -> int | None:
     if isinstance(data, DataLoader) or not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
         return None
     return len(data)
+
+
+LOOP_SETTINGS = ("lr", "epochs", "batch_size", "momentum", "weight_decay", "beta", "seed", "progress")
+
+
+def loop_settings(arguments: Mapping[str, object]) -> dict[str, object]:
+    """The settings of the fine-tuning loop among a baseline's arguments (pass its `locals()`): the
+    entries named in LOOP_SETTINGS, for `run`.  Every baseline names them as the loop does."""
+    return {k: arguments[k] for k in LOOP_SETTINGS if k in arguments}
 
 
 def run(

@@ -18,6 +18,7 @@ from ._common import (
     frozen_copy,
     incompetent_teacher,
     kl_to_teacher,
+    loop_settings,
     random_subset,
     run,
 )
@@ -96,18 +97,4 @@ def bad_teacher(
         return kl_to_teacher(student(torch.cat([x, xf])), target, tau)
 
     objective = FinetuneObjective(step_loss, pair_forget=True, name="bad_teacher")
-    return run(
-        "bad_teacher",
-        model,
-        forget_part,
-        retain_part,
-        objective,
-        lr=lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        seed=seed,
-        progress=progress,
-        start=start,
-    )
+    return run("bad_teacher", model, forget_part, retain_part, objective, start=start, **loop_settings(locals()))

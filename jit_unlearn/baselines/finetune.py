@@ -7,7 +7,7 @@ import time
 from torch import nn
 
 from .. import _checks as checks
-from ._common import BaselineReport, run
+from ._common import BaselineReport, loop_settings, run
 
 
 def finetune(
@@ -48,18 +48,4 @@ def finetune(
     start = time.perf_counter()
     checks.module(model, "model")
     checks.boolean(progress, "progress")
-    return run(
-        "finetune",
-        model,
-        None,
-        retain,
-        "finetune",
-        lr=lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        seed=seed,
-        progress=progress,
-        start=start,
-    )
+    return run("finetune", model, None, retain, "finetune", start=start, **loop_settings(locals()))

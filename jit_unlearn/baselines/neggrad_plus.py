@@ -7,7 +7,7 @@ import time
 from torch import nn
 
 from .. import _checks as checks
-from ._common import BaselineReport, run
+from ._common import BaselineReport, loop_settings, run
 
 
 def neggrad_plus(
@@ -51,19 +51,4 @@ def neggrad_plus(
     start = time.perf_counter()
     checks.module(model, "model")
     checks.boolean(progress, "progress")
-    return run(
-        "neggrad_plus",
-        model,
-        forget,
-        retain,
-        "neggrad_plus",
-        lr=lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        beta=beta,
-        seed=seed,
-        progress=progress,
-        start=start,
-    )
+    return run("neggrad_plus", model, forget, retain, "neggrad_plus", start=start, **loop_settings(locals()))

@@ -7,7 +7,7 @@ import time
 from torch import nn
 
 from .. import _checks as checks
-from ._common import BaselineReport, run
+from ._common import BaselineReport, loop_settings, run
 
 
 def random_label(
@@ -48,18 +48,4 @@ def random_label(
     start = time.perf_counter()
     checks.module(model, "model")
     checks.boolean(progress, "progress")
-    return run(
-        "random_label",
-        model,
-        forget,
-        retain,
-        "relabel",
-        lr=lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        seed=seed,
-        progress=progress,
-        start=start,
-    )
+    return run("random_label", model, forget, retain, "relabel", start=start, **loop_settings(locals()))

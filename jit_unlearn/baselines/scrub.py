@@ -11,7 +11,7 @@ from torch import nn
 from .. import FinetuneObjective
 from .. import _checks as checks
 from .._utils import check_logits
-from ._common import BaselineReport, forget_batches, frozen_copy, kl_to_teacher, run
+from ._common import BaselineReport, forget_batches, frozen_copy, kl_to_teacher, loop_settings, run
 
 
 def scrub(
@@ -89,18 +89,4 @@ def scrub(
         return -divergence(check_logits(student(xf), xf.shape[0]), xf)
 
     objective = FinetuneObjective(min_loss, forget_pass_loss=max_loss, forget_pass_epochs=max_epochs, name="scrub")
-    return run(
-        "scrub",
-        model,
-        forget_part,
-        retain,
-        objective,
-        lr=lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        seed=seed,
-        progress=progress,
-        start=start,
-    )
+    return run("scrub", model, forget_part, retain, objective, start=start, **loop_settings(locals()))
