@@ -80,3 +80,21 @@ def points(total: int, *, tail: int = 200, stride: int = 1) -> list[int]:
     """Events to interrupt at: every `stride`-th of the run, and every one of its last `tail` (where
     the result is committed)."""
     return sorted(set(range(1, total + 1, stride)) | set(range(max(1, total - tail + 1), total + 1)))
+
+
+class InterruptingBatches:
+    """A data source of known length (that of `batches`) that hands out `batches` three times over
+    and raises KeyboardInterrupt instead of the one at position `at` (0-based): a Ctrl-C in the
+    middle of a run's data loading."""
+
+    def __init__(self, batches: list, at: int):
+        self.batches, self.at = batches, at
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for i, b in enumerate(self.batches * 3):
+            if i == self.at:
+                raise KeyboardInterrupt
+            yield b

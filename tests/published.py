@@ -43,6 +43,27 @@ def ssd(model, forget_loader, full_loader, alpha=10.0, lam=1.0, label_free=False
     model.zero_grad(set_to_none=True)
 
 
+def _lipschitz_loss(model, perturbed_model, x, sigma, n):
+    """One batch's JiT loss as the published loop orders the arithmetic: f(x) from `model`; per
+    perturbation, clamp(x + sigma * randn(x.size()), min(x), max(x)) through `perturbed_model` without
+    gradients; the ratio sum made absolute and added into a float32 scalar, divided by n.  A 3-dim x
+    is one sample (a batch dimension is added)."""
+    image = x.unsqueeze(0) if x.dim() == 3 else x
+    out = model(image)
+    total = torch.tensor(0.0)
+    for _ in range(n):
+        top, bottom = x.max(), x.min()
+        moved = torch.clamp(x.clone() + torch.randn(x.size()) * sigma + 0.0, min=bottom, max=top)
+        moved = moved.unsqueeze(0) if moved.dim() == 3 else moved
+        with torch.no_grad():
+            out_moved = perturbed_model(moved)
+        rows = image.size(0)
+        num = torch.linalg.vector_norm(out - out_moved, dim=1)
+        den = torch.linalg.vector_norm(image.view(rows, -1) - moved.view(rows, -1), dim=1)
+        total += (num / den).sum().abs()
+    return total / n
+
+
 def lipschitz_modify_weight(model, loader, sigma, lr, n):
     """docs/METHODS.md §1, reference semantics, as the JiT repository's Lipschitz.modify_weight
     orders the arithmetic: plain SGD over every parameter, gradients cleared once before the first
@@ -52,21 +73,7 @@ def lipschitz_modify_weight(model, loader, sigma, lr, n):
     sgd = torch.optim.SGD(model.parameters(), lr=lr)
     sgd.zero_grad()
     for x, _, _ in loader:
-        image = x.unsqueeze(0) if x.dim() == 3 else x
-        out = model(image)
-        total = torch.tensor(0.0)
-        for _ in range(n):
-            top, bottom = x.max(), x.min()
-            moved = torch.clamp(x.clone() + torch.randn(x.size()) * sigma + 0.0, min=bottom, max=top)
-            moved = moved.unsqueeze(0) if moved.dim() == 3 else moved
-            with torch.no_grad():
-                out_moved = model(moved)
-            rows = image.size(0)
-            num = torch.linalg.vector_norm(out - out_moved, dim=1)
-            den = torch.linalg.vector_norm(image.view(rows, -1) - moved.view(rows, -1), dim=1)
-            total += (num / den).sum().abs()
-        total /= n
-        total.backward()
+        _lipschitz_loss(model, model, x, sigma, n).backward()
         sgd.step()
 
 
@@ -80,23 +87,9 @@ def supreme_jit(model, loader, sigma, lr, n, epochs=1):
     for _ in range(epochs):
         model.train()
         for x, _, _ in loader:
-            image = x.unsqueeze(0) if x.dim() == 3 else x
             sgd.zero_grad()
             frozen.load_state_dict(model.state_dict())
-            out = model(image)
-            total = torch.tensor(0.0)
-            for _ in range(n):
-                top, bottom = x.max(), x.min()
-                moved = torch.clamp(x.clone() + torch.randn(x.size()) * sigma + 0.0, min=bottom, max=top)
-                moved = moved.unsqueeze(0) if moved.dim() == 3 else moved
-                with torch.no_grad():
-                    out_moved = frozen(moved)
-                rows = image.size(0)
-                num = torch.linalg.vector_norm(out - out_moved, dim=1)
-                den = torch.linalg.vector_norm(image.view(rows, -1) - moved.view(rows, -1), dim=1)
-                total += (num / den).sum().abs()
-            total /= n
-            total.backward()
+            _lipschitz_loss(model, frozen, x, sigma, n).backward()
             sgd.step()
 
 

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from bitwise import assert_bitwise_equal, state_bits
+from interrupts import InterruptingBatches
 from jit_unlearn import baselines
 from jit_unlearn.data import digits
 from jit_unlearn.eval import Recipe, evaluate, full_class, train
@@ -19,16 +21,6 @@ from jit_unlearn.models import MLP
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 BASELINES = ["finetune", "neggrad_plus", "random_label", "bad_teacher", "scrub"]
-
-
-def state_bits(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_bitwise_equal(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k].view(-1).view(torch.uint8), b[k].view(-1).view(torch.uint8)), k
 
 
 def small_net(seed=0, dtype=torch.float64, dropout=0.0):
@@ -340,29 +332,13 @@ def test_default_incompetent_teacher_is_seeded():
     assert not all(torch.equal(results[0][k], results[2][k]) for k in results[0])
 
 
-class _Interrupting:
-    """A retain source of known length that raises KeyboardInterrupt on its fourth batch."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        for i, b in enumerate(self.batches * 3):
-            if i == 3:
-                raise KeyboardInterrupt
-            yield b
-
-
 @pytest.mark.parametrize("name", BASELINES)
 def test_interrupt_and_divergence_restore_the_model(name):
     net = small_net(dropout=0.2)
     net.eval()
     forget, retain = _sources()
     before = state_bits(net)
-    interrupting = _Interrupting(list(DataLoader(retain, batch_size=16)))
+    interrupting = InterruptingBatches(list(DataLoader(retain, batch_size=16)), at=3)
     kwargs = {"retain_fraction": 1.0} if name == "bad_teacher" else {}
     with pytest.raises(KeyboardInterrupt):
         getattr(baselines, name)(net, forget, interrupting, epochs=3, progress=False, **kwargs)

@@ -8,31 +8,23 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn as ju
+from bitwise import assert_bitwise_equal, state_bits
+from del_nets import ConvNet, with_bn_statistics
+from interrupts import InterruptingBatches
 from jit_unlearn.data import digits, mnist
 from jit_unlearn.models import MLP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class TinyConvNet(nn.Module):
+class TinyConvNet(ConvNet):
     """4 channels (< 10, so h = max(1, 0) = 1), then 24 channels (h = 2), then a 10-way head."""
 
     def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 24, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(24)
-        self.fc = nn.Linear(24, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean(dim=(2, 3)))
+        super().__init__(4, 24)
 
 
 # h per [C_out, -1] parameter, worked out by hand from h = max(1, int(f * C_out)), capped at the row
@@ -46,14 +38,7 @@ HAND_H = {
 
 def make_net(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
-    net = TinyConvNet().to(dtype)
-    with torch.no_grad():  # non-trivial BN statistics and affine parameters
-        for bn in (net.bn1, net.bn2):
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.2, 0.2)
-            bn.running_mean.uniform_(-0.1, 0.1)
-            bn.running_var.uniform_(0.5, 1.5)
-    return net
+    return with_bn_statistics(TinyConvNet().to(dtype))
 
 
 def digit_images(n, offset=0, dtype=torch.float32):
@@ -63,18 +48,6 @@ def digit_images(n, offset=0, dtype=torch.float32):
 
 def batches_of(x, y, size):
     return DataLoader(TensorDataset(x, y), batch_size=size)
-
-
-def state_bits(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_bitwise_equal(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(
-            a[k].view(-1).view(torch.uint8), b[k].view(-1).view(torch.uint8)
-        ), k
 
 
 def reference_scores(model, batches, criterion, granularity, h_table):
@@ -532,22 +505,6 @@ def test_masked_finetune_bad_arguments():
     assert_bitwise_equal(before, state_bits(net))
 
 
-class _Interrupting:
-    """A retain source that stops with KeyboardInterrupt on its fifth batch."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        for i, b in enumerate(self.batches * 3):
-            if i == 4:
-                raise KeyboardInterrupt
-            yield b
-
-
 def test_failure_mid_run_restores_model():
     net = make_net()
     net.eval()
@@ -558,7 +515,7 @@ def test_failure_mid_run_restores_model():
         ju.del_unlearn(
             net,
             TensorDataset(xf, yf),
-            _Interrupting(list(batches_of(xr, yr, 32))),
+            InterruptingBatches(list(batches_of(xr, yr, 32)), at=4),
             init=TinyConvNet,
             epochs=3,
             progress=False,

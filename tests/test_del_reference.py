@@ -5,55 +5,36 @@ and the checks, restore-on-failure and finiteness that hold in both modes."""
 import published_del as published
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn as ju
+from bitwise import assert_bitwise_equal, bits, state_bits
 from conftest import requires_cuda
+from del_nets import ConvNet, with_bn_statistics
+from interrupts import InterruptingBatches
 from jit_unlearn.data import digits
 from jit_unlearn.methods.deletion.reference import reference_reset_, reference_scores
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class WideNet(nn.Module):
+class WideNet(ConvNet):
     """At least 10 output channels in every layer: 12, 20 and a 10-way head."""
 
     def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 12, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(12)
-        self.conv2 = nn.Conv2d(12, 20, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(20)
-        self.fc = nn.Linear(20, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean(dim=(2, 3)))
+        super().__init__(12, 20)
 
 
-class NarrowNet(WideNet):
+class NarrowNet(ConvNet):
     """conv1 has 4 output channels: the published h = int(0.1·4) = 0 scores it NaN."""
 
     def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 20, 3, padding=1, bias=False)
+        super().__init__(4, 20)
 
 
 def make(cls=WideNet, seed=0):
     torch.manual_seed(seed)
-    net = cls()
-    with torch.no_grad():  # non-trivial BatchNorm affine parameters and statistics
-        for bn in (net.bn1, net.bn2):
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.2, 0.2)
-            bn.running_mean.uniform_(-0.1, 0.1)
-            bn.running_var.uniform_(0.5, 1.5)
-    return net
+    return with_bn_statistics(cls())
 
 
 def data(n, offset=0):
@@ -67,27 +48,6 @@ def loaders():
         DataLoader(data(40), batch_size=16, shuffle=True),
         DataLoader(data(128, offset=40), batch_size=32, shuffle=True),
     )
-
-
-def bits(t):
-    return t.detach().contiguous().view(-1).view(torch.uint8)
-
-
-def assert_state_bitwise(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype and torch.equal(bits(sa[k]), bits(sb[k])), k
-
-
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_unchanged(before, model):
-    after = model.state_dict()
-    for k, v in before.items():
-        assert torch.equal(bits(v), bits(after[k])), k
 
 
 # ---------------------------------------------------------------- bitwise against the transcription
@@ -146,7 +106,7 @@ def compare_with_published(criterion, granularity, top_fraction, weight_decay, d
     for name, m in masks.items():
         assert torch.equal(report.mask[name], m.bool()), name
     assert report.masked == int(0.3 * report.total) and report.steps == 12
-    assert_state_bitwise(ours, theirs)
+    assert_bitwise_equal(ours, theirs)
 
 
 @pytest.mark.parametrize("criterion", ["weighted_grad", "grad"])
@@ -200,14 +160,14 @@ def test_masked_finetune_reference_matches_transcription():
         theirs, retain, forget, {n: m.long() for n, m in mask.items()}, lr=0.1, epochs=2, weight_decay=1e-3
     )
     assert report.steps == 8 and report.objective == "finetune"
-    assert_state_bitwise(ours, theirs)
+    assert_bitwise_equal(ours, theirs)
     # A retain loader with its own generator does not see the forget loader: forget=None runs the same.
     ours, theirs = make(), make()
     retain = DataLoader(data(128, offset=40), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(3))
     ju.masked_finetune(ours, mask, retain, lr=0.1, epochs=2, head="fc", mode="reference", progress=False)
     retain.generator.manual_seed(3)
     published.finetune(theirs, retain, loaders()[0], {n: m.long() for n, m in mask.items()}, lr=0.1, epochs=2)
-    assert_state_bitwise(ours, theirs)
+    assert_bitwise_equal(ours, theirs)
 
 
 # ---------------------------------------------------------------- documented edge case: < 10 channels
@@ -299,16 +259,16 @@ def test_reference_keeps_the_callers_grad():
 )
 def test_reference_bad_arguments_leave_model_untouched(kwargs, exc, word):
     net = make()
-    before = snapshot(net)
+    before = state_bits(net)
     args = {"init": WideNet, "epochs": 1, "progress": False, **kwargs}
     with pytest.raises(exc, match=word):
         ju.del_unlearn(net, data(20), data(60, offset=20), **args)
-    assert_unchanged(before, net)
+    assert_bitwise_equal(before, net)
 
 
 def test_reference_bad_data_leaves_model_untouched():
     net = make()
-    before = snapshot(net)
+    before = state_bits(net)
     empty = DataLoader(TensorDataset(torch.zeros(0, 1, 8, 8), torch.zeros(0, dtype=torch.int64)), batch_size=4)
     with pytest.raises(ValueError, match="retain"):
         ju.del_unlearn(net, data(20), empty, init=WideNet, epochs=1, mode="reference", progress=False)
@@ -332,42 +292,28 @@ def test_reference_bad_data_leaves_model_untouched():
             mode="reference",
             progress=False,
         )
-    assert_unchanged(before, net)
-
-
-class Interrupting:
-    """Retain batches that stop with KeyboardInterrupt on the fifth."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        for i, b in enumerate(self.batches * 3):
-            if i == 4:
-                raise KeyboardInterrupt
-            yield b
+    assert_bitwise_equal(before, net)
 
 
 def test_reference_failures_restore_the_model():
     net = make()
     net.eval()
-    before = snapshot(net)
+    before = state_bits(net)
     retain = list(DataLoader(data(96, offset=20), batch_size=32))
     with pytest.raises(KeyboardInterrupt):
-        ju.del_unlearn(net, data(20), Interrupting(retain), init=WideNet, epochs=3, mode="reference", progress=False)
-    assert_unchanged(before, net)
+        ju.del_unlearn(
+            net, data(20), InterruptingBatches(retain, at=4), init=WideNet, epochs=3, mode="reference", progress=False
+        )
+    assert_bitwise_equal(before, net)
     assert not any(m.training for m in net.modules())
     with pytest.raises(RuntimeError, match="diverged"):
         ju.del_unlearn(net, data(20), data(96), init=WideNet, lr=1e35, epochs=2, mode="reference", progress=False)
-    assert_unchanged(before, net)
+    assert_bitwise_equal(before, net)
     for p in net.parameters():
         p.grad = None
     bad_init = WideNet().state_dict()
     bad_init["conv2.weight"][0, 0, 0, 0] = float("inf")  # inf · 0 = NaN in the blend, selected or not
     with pytest.raises(ValueError, match="init"):
         ju.del_unlearn(net, data(20), data(96), init=bad_init, epochs=1, mode="reference", progress=False)
-    assert_unchanged(before, net)
+    assert_bitwise_equal(before, net)
     assert all(bool(torch.isfinite(p).all()) for p in net.parameters())
