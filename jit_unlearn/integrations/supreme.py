@@ -146,74 +146,24 @@ def _dataset_size(loader, name: str) -> int:
     return len(dataset)
 
 
-def _ssd_family(
-    method: str,
-    fabric,
-    wandb_logging_flag,
-    model,
-    forget_train_dataloader,
-    full_train_dataloader,
-    dampening_constant,
-    selection_weighting,
-    kwargs,
-    *,
-    kind: str,
-    per_sample: bool,
-):
-    _check_fabric(fabric)
-    lam = checks.real(dampening_constant, "dampening_constant", low=0.0)
-    alpha = checks.real(selection_weighting, "selection_weighting", low=0.0, low_open=method != "assd")
-    forget = _check_loader(forget_train_dataloader, "forget_train_dataloader")
-    full = _check_loader(full_train_dataloader, "full_train_dataloader")
-    if method == "assd":
-        sizes = (_dataset_size(forget, "forget_train_dataloader"), _dataset_size(full, "full_train_dataloader"))
-    placed, net = _placed(fabric, model, kwargs)
-    forget, full = _plain_loader(forget), _plain_loader(full)
-    _log_config(
-        fabric,
-        wandb_logging_flag,
-        {
-            "optimizer": "SGD",
-            "learning_rate": 0.1,
-            "dampening_constant": lam,
-            ("selection_weighting_initial" if method == "assd" else "selection_weighting"): alpha,
-            "lower_bound": 1,
-            "exponent": 1,
-            "backend": "jit_unlearn",
-        },
-    )
-    fabric.barrier()
-
-    def body(snapshot) -> torch.nn.Module:
-        placed.eval()
-        if method != "assd":
-            run = jit_unlearn.lf_ssd if kind == "output_norm" else jit_unlearn.ssd
-            run(net, forget, full, alpha=alpha, lam=lam, per_sample=per_sample, progress=False)
-            return placed
-        imp_f = jit_unlearn.importances(net, forget, kind=kind, progress=False, name="forget_train_dataloader")
-        imp_d = jit_unlearn.importances(net, full, kind=kind, progress=False, name="full_train_dataloader")
-        for imp, name in ((imp_f, "forget_train_dataloader"), (imp_d, "full_train_dataloader")):
-            if imp.invalid:
-                raise ValueError(f"{name}: importances hold NaN or inf in {imp.invalid[:3]}; nothing was changed")
-        adaptive = _supreme_assd_alpha(fabric, imp_f, imp_d, *sizes)
-        fabric.print(f"assd: adaptive selection_weighting (alpha) {adaptive:.6f}")
-        names = [n for n, _ in net.named_parameters()]
-        with torch.no_grad():
-            jit_unlearn.ops.ssd_dampen_(
-                [p for _, p in net.named_parameters()],
-                [imp_f[n] for n in names],
-                [imp_d[n] for n in names],
-                adaptive,
-                lam,
-                1.0,
-            )
-        return placed
-
-    return protected(net, body, method=method)
+def _assd_dampen(fabric, net: torch.nn.Module, forget, full, lam: float, sizes: tuple[int, int]) -> None:
+    """SUPREME's assd on `net`: Fisher importances on both loaders, its adaptive alpha, one dampening."""
+    imp_f = jit_unlearn.importances(net, forget, kind="fisher", progress=False, name="forget_train_dataloader")
+    imp_d = jit_unlearn.importances(net, full, kind="fisher", progress=False, name="full_train_dataloader")
+    for imp, name in ((imp_f, "forget_train_dataloader"), (imp_d, "full_train_dataloader")):
+        if imp.invalid:
+            raise ValueError(f"{name}: importances hold NaN or inf in {imp.invalid[:3]}; nothing was changed")
+    alpha = _supreme_assd_alpha(fabric, imp_f, imp_d, *sizes)
+    fabric.print(f"assd: adaptive selection_weighting (alpha) {alpha:.6f}")
+    named = list(net.named_parameters())
+    params, forget_imp, full_imp = [p for _, p in named], [imp_f[n] for n, _ in named], [imp_d[n] for n, _ in named]
+    with torch.no_grad():
+        jit_unlearn.ops.ssd_dampen_(params, forget_imp, full_imp, alpha, lam, 1.0)
 
 
 def _ssd_method(name: str, *, kind: str, per_sample: bool, doc: str):
-    """SUPREME's parameter-surgery method `name` (its signature), computed by `_ssd_family`."""
+    """SUPREME's parameter-surgery method `name`, with its signature: `jit_unlearn.ssd` / `lf_ssd` with
+    the importances of `kind` (per sample or not), or SUPREME's assd (name "assd")."""
 
     def method(
         fabric,
@@ -226,19 +176,40 @@ def _ssd_method(name: str, *, kind: str, per_sample: bool, doc: str):
         selection_weighting: float,
         **kwargs,
     ) -> torch.nn.Module:
-        return _ssd_family(
-            name,
+        _check_fabric(fabric)
+        lam = checks.real(dampening_constant, "dampening_constant", low=0.0)
+        alpha = checks.real(selection_weighting, "selection_weighting", low=0.0, low_open=name != "assd")
+        forget = _check_loader(forget_train_dataloader, "forget_train_dataloader")
+        full = _check_loader(full_train_dataloader, "full_train_dataloader")
+        if name == "assd":
+            sizes = (_dataset_size(forget, "forget_train_dataloader"), _dataset_size(full, "full_train_dataloader"))
+        placed, net = _placed(fabric, model, kwargs)
+        forget, full = _plain_loader(forget), _plain_loader(full)
+        _log_config(
             fabric,
             wandb_logging_flag,
-            model,
-            forget_train_dataloader,
-            full_train_dataloader,
-            dampening_constant,
-            selection_weighting,
-            kwargs,
-            kind=kind,
-            per_sample=per_sample,
+            {
+                "optimizer": "SGD",
+                "learning_rate": 0.1,
+                "dampening_constant": lam,
+                ("selection_weighting_initial" if name == "assd" else "selection_weighting"): alpha,
+                "lower_bound": 1,
+                "exponent": 1,
+                "backend": "jit_unlearn",
+            },
         )
+        fabric.barrier()
+
+        def body(snapshot) -> torch.nn.Module:
+            placed.eval()
+            if name == "assd":
+                _assd_dampen(fabric, net, forget, full, lam, sizes)
+            else:
+                run = jit_unlearn.lf_ssd if kind == "output_norm" else jit_unlearn.ssd
+                run(net, forget, full, alpha=alpha, lam=lam, per_sample=per_sample, progress=False)
+            return placed
+
+        return protected(net, body, method=name)
 
     method.__name__ = method.__qualname__ = name
     method.__doc__ = doc
