@@ -15,7 +15,7 @@ HOST_DEVICE_INLINE bool ssd_importance_valid(T imp) {
 }
 
 // The error text of an invalid importance, after "imp_forget[i]" or "imp_full[i]" (both backends and
-// jit_unlearn/reference.py use it word for word).
+// jit_unlearn/torch_ops.py use it word for word).
 #define JIT_UNLEARN_SSD_INVALID_IMPORTANCE \
   ": holds a negative or NaN value; importances must be >= 0 (a negative one would flip the parameter's sign)"
 
@@ -27,7 +27,7 @@ HOST_DEVICE_INLINE bool ssd_selected(T imp_forget, T imp_full, T alpha) {
 }
 
 // Factor min(((lam * I_D) / I_f)^exponent, 1) of a selected element; kApplyExponent is (exponent != 1).
-// The order (lam * I_D) / I_f and the IEEE division match the reference bitwise.  The clamp is written
+// The order (lam * I_D) / I_f and the IEEE division match the pure-PyTorch tier bitwise.  The clamp is written
 // `w <= 1 ? w : 1` so that the one NaN a selected element with importances >= 0 can produce (I_f = inf
 // and lam * I_D = inf) leaves theta unchanged instead of writing NaN.
 template <bool kApplyExponent, typename T>
