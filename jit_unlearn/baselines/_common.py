@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -150,13 +149,18 @@ def count(data) -> int | None:
     return len(data)
 
 
-LOOP_SETTINGS = ("lr", "epochs", "batch_size", "momentum", "weight_decay", "beta", "seed", "progress")
+@dataclass(frozen=True)
+class LoopSettings:
+    """The fine-tuning loop's settings that every baseline passes through unchanged."""
 
-
-def loop_settings(arguments: Mapping[str, object]) -> dict[str, object]:
-    """The settings of the fine-tuning loop among a baseline's arguments (pass its `locals()`): the
-    entries named in LOOP_SETTINGS, for `run`.  Every baseline names them as the loop does."""
-    return {k: arguments[k] for k in LOOP_SETTINGS if k in arguments}
+    lr: float
+    epochs: int
+    batch_size: int
+    momentum: float
+    weight_decay: float
+    seed: int
+    progress: bool
+    beta: float = 0.1
 
 
 def run(
@@ -165,15 +169,8 @@ def run(
     forget,
     retain,
     objective,
+    loop: LoopSettings,
     *,
-    lr,
-    epochs,
-    batch_size,
-    momentum,
-    weight_decay,
-    beta: float = 0.1,
-    seed,
-    progress,
     start: float,
 ) -> BaselineReport:
     """One run of the masked fine-tuning loop with every parameter trainable (mask=None): its
@@ -185,18 +182,18 @@ def run(
         retain,
         forget=forget,
         objective=objective,
-        lr=lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        beta=beta,
-        seed=seed,
-        progress=progress,
+        lr=loop.lr,
+        epochs=loop.epochs,
+        batch_size=loop.batch_size,
+        momentum=loop.momentum,
+        weight_decay=loop.weight_decay,
+        beta=loop.beta,
+        seed=loop.seed,
+        progress=loop.progress,
     )
 
     def body(snapshot) -> BaselineReport:
         fine = finetune(snapshot)
-        return BaselineReport(method, epochs, fine.steps, fine.final_loss, time.perf_counter() - start)
+        return BaselineReport(method, loop.epochs, fine.steps, fine.final_loss, time.perf_counter() - start)
 
     return protected(model, body, method=method, hint=DIVERGED_HINT)

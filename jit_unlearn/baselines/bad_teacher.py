@@ -12,13 +12,13 @@ from .. import FinetuneObjective
 from .. import _checks as checks
 from ._common import (
     BaselineReport,
+    LoopSettings,
     check_teacher_outputs,
     count,
     forget_batches,
     frozen_copy,
     incompetent_teacher,
     kl_to_teacher,
-    loop_settings,
     random_subset,
     run,
 )
@@ -97,4 +97,5 @@ def bad_teacher(
         return kl_to_teacher(student(torch.cat([x, xf])), target, tau)
 
     objective = FinetuneObjective(step_loss, pair_forget=True, name="bad_teacher")
-    return run("bad_teacher", model, forget_part, retain_part, objective, start=start, **loop_settings(locals()))
+    loop = LoopSettings(lr, epochs, batch_size, momentum, weight_decay, seed, progress)
+    return run("bad_teacher", model, forget_part, retain_part, objective, loop, start=start)

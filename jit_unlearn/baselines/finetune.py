@@ -7,7 +7,7 @@ import time
 from torch import nn
 
 from .. import _checks as checks
-from ._common import BaselineReport, loop_settings, run
+from ._common import BaselineReport, LoopSettings, run
 
 
 def finetune(
@@ -48,4 +48,5 @@ def finetune(
     start = time.perf_counter()
     checks.module(model, "model")
     checks.boolean(progress, "progress")
-    return run("finetune", model, None, retain, "finetune", start=start, **loop_settings(locals()))
+    loop = LoopSettings(lr, epochs, batch_size, momentum, weight_decay, seed, progress)
+    return run("finetune", model, None, retain, "finetune", loop, start=start)

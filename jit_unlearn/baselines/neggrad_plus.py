@@ -7,7 +7,7 @@ import time
 from torch import nn
 
 from .. import _checks as checks
-from ._common import BaselineReport, loop_settings, run
+from ._common import BaselineReport, LoopSettings, run
 
 
 def neggrad_plus(
@@ -51,4 +51,5 @@ def neggrad_plus(
     start = time.perf_counter()
     checks.module(model, "model")
     checks.boolean(progress, "progress")
-    return run("neggrad_plus", model, forget, retain, "neggrad_plus", start=start, **loop_settings(locals()))
+    loop = LoopSettings(lr, epochs, batch_size, momentum, weight_decay, seed, progress, beta)
+    return run("neggrad_plus", model, forget, retain, "neggrad_plus", loop, start=start)

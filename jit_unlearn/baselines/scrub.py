@@ -11,7 +11,7 @@ from torch import nn
 from .. import FinetuneObjective
 from .. import _checks as checks
 from .._utils import check_logits
-from ._common import BaselineReport, forget_batches, frozen_copy, kl_to_teacher, loop_settings, run
+from ._common import BaselineReport, LoopSettings, forget_batches, frozen_copy, kl_to_teacher, run
 
 
 def scrub(
@@ -89,4 +89,5 @@ def scrub(
         return -divergence(check_logits(student(xf), xf.shape[0]), xf)
 
     objective = FinetuneObjective(min_loss, forget_pass_loss=max_loss, forget_pass_epochs=max_epochs, name="scrub")
-    return run("scrub", model, forget_part, retain, objective, start=start, **loop_settings(locals()))
+    loop = LoopSettings(lr, epochs, batch_size, momentum, weight_decay, seed, progress)
+    return run("scrub", model, forget_part, retain, objective, loop, start=start)
