@@ -24,4 +24,8 @@ def one_line(text: str, limit: int = MESSAGE_LIMIT) -> str:
     if len(flat) <= limit:
         return flat
     cut = flat.rfind(" ", 0, limit + 1)
-    return (flat[:cut] if cut > 0 else flat.split(" ", 1)[0]) + " ..."
+    if cut <= 0:  # the first word alone is longer than the limit: keep it whole
+        cut = flat.find(" ")
+        if cut < 0:
+            return flat
+    return flat[:cut] + " ..."
