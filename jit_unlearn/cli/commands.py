@@ -242,7 +242,8 @@ register(
         "run an experiment described by a TOML or JSON file",
         _run_arguments,
         _run,
-        description="Run a TOML/JSON experiment: dataset, model, train, scenario, methods.",
+        description="Run a TOML/JSON experiment: dataset, model, train, scenario, methods (unlearning methods and "
+        "comparison baselines). Every value is checked before anything is trained.",
         epilog=CONFIG_EXAMPLE_MNIST + "\n" + CONFIG_EXAMPLE,
     )
 )
