@@ -118,6 +118,15 @@ def test_dry_validation_leaves_model_and_rng_alone():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("entry", [{"name": "del", "init": "x"}, {"name": "bad_teacher", "incompetent": "x"}])
+def test_arguments_the_experiment_sets(tmp_path, capsys, no_training, entry):
+    assert _run(tmp_path, _config([entry])) == 2
+    key = [k for k in entry if k != "name"][0]
+    assert _one_line_error(capsys) == (
+        f"config key 'methods[0].{key}': is set by the experiment itself; a config cannot set it"
+    )
+
+
 def test_missing_required_parameter(tmp_path, capsys, no_training):
     assert _run(tmp_path, _config([{"name": "jit", "lr": 0.1}])) == 2
     err = _one_line_error(capsys)

@@ -104,6 +104,8 @@ def parse_methods(cfg: Mapping) -> list[MethodSpec]:
         fn = method_function(name, where + ".name")
         params = {k: v for k, v in entry.items() if k not in ("name", "label")}
         for key in params:
+            if key in RESERVED and accepts(fn, key):
+                raise key_error(f"{where}.{key}", "is set by the experiment itself; a config cannot set it")
             if key in RESERVED or not accepts(fn, key):
                 accepted = [p for p in inspect.signature(fn).parameters if p not in RESERVED]
                 raise key_error(
