@@ -63,7 +63,7 @@ FAST_OVERRIDES = {"jit": {"num_samples": 4}, "del": {"epochs": 1}}
 # The epilog of `run --help`: a config that runs offline on the bundled MNIST (the demo's
 # settings for three of its methods), then every key of a config.
 CONFIG_EXAMPLE_MNIST = """example 1, runs offline on the bundled MNIST (save it as mnist3.toml, then
-`jit-unlearn run mnist3.toml`; a few minutes on 2 CPU cores):
+`jit-unlearn run mnist3.toml`; about a minute on 2 CPU cores):
 
   seed = 0
   out = "runs/mnist_digit3"
