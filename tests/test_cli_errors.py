@@ -32,9 +32,11 @@ def _config(method_entries, **changes):
 
 
 def _run(tmp_path, cfg, *extra):
+    """`jit-unlearn run` on `cfg`; results go to tmp_path/out unless the config or `extra` name a folder."""
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
-    return cli.main(["run", str(path), "--quiet", *extra])
+    out = [] if "out" in cfg or "--out" in extra else ["--out", str(tmp_path / "out")]
+    return cli.main(["run", str(path), "--quiet", *out, *extra])
 
 
 def _one_line_error(capsys) -> str:
