@@ -2,6 +2,7 @@
 the reset, argument checks, and real forgetting on bundled MNIST."""
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -353,7 +354,9 @@ def test_reset_takes_values_from_state_dict():
         progress=False,
     )
     init = dict(fresh.named_parameters())
-    assert report.masked == int(0.3 * report.total) and report.steps == 0 and report.head == "fc"
+    total = sum(p.numel() for p in net.parameters())
+    assert (report.total, report.masked, report.mask.count()) == (total, int(0.3 * total), int(0.3 * total))
+    assert report.steps == 0 and report.head == "fc"
     for n, p in net.named_parameters():
         m = report.mask[n]
         assert torch.equal(p.detach()[m], init[n].detach()[m]), n
@@ -401,9 +404,49 @@ def test_del_fine_tune_keeps_unmasked_entries_except_head():
         weight_decay=5e-4,
         progress=False,
     )
-    assert report.steps == 4 and report.seconds >= report.seconds_finetune >= 0
+    assert report.steps == 2 * math.ceil(128 / 64)
     head_free = ju.Mask({n: (m if not n.startswith("fc.") else torch.ones_like(m)) for n, m in report.mask.items()})
     assert unmasked_bits_equal(head_free, before, net)
+
+
+class _Slow:
+    """(x, y) batches of `size`, each handed out after `delay` seconds."""
+
+    def __init__(self, x, y, size, delay):
+        self.batches, self.delay = list(zip(x.split(size), y.split(size))), delay
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            time.sleep(self.delay)
+            yield batch
+
+
+def test_report_times_each_phase(monkeypatch):
+    # known delays in each phase: localization reads 2 batches and fine-tuning 2 epochs of 2, at
+    # 0.02 s each; the reset waits 0.1 s.  Each phase's time covers its delay, their sum lies within
+    # the caller's own clock.
+    net = make_net()
+    xf, yf = digit_images(40)
+    xr, yr = digit_images(128, offset=40)
+    real = ju.ops.masked_reset_
+
+    def slow_reset(*args):
+        time.sleep(0.1)
+        return real(*args)
+
+    monkeypatch.setattr(ju.ops, "masked_reset_", slow_reset)
+    start = time.perf_counter()
+    report = ju.del_unlearn(
+        net, _Slow(xf, yf, 20, 0.02), _Slow(xr, yr, 64, 0.02), init=TinyConvNet, epochs=2, progress=False
+    )
+    elapsed = time.perf_counter() - start
+    assert report.seconds_localize >= 2 * 0.02
+    assert report.seconds_reset >= 0.1
+    assert report.seconds_finetune >= 4 * 0.02
+    assert 2 * 0.02 + 0.1 + 4 * 0.02 <= report.seconds <= elapsed
 
 
 # ---------------------------------------------------------------- bad input

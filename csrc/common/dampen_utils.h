@@ -1,4 +1,4 @@
-// Per-element SSD dampening rule (ALGORITHMS.md section 2), shared by the CPU and CUDA kernels.
+// Per-element SSD dampening rule (docs/METHODS.md §2), shared by the CPU and CUDA kernels.
 #pragma once
 
 #include <cmath>
@@ -6,6 +6,18 @@
 #include "common/macros.h"
 
 namespace jit_unlearn {
+
+// An importance the rule accepts: >= 0 (-0 included), not NaN.  A negative one would give a negative
+// factor and flip the parameter's sign; the ops raise on either before writing anything.
+template <typename T>
+HOST_DEVICE_INLINE bool ssd_importance_valid(T imp) {
+  return imp >= T(0);
+}
+
+// The error text of an invalid importance, after "imp_forget[i]" or "imp_full[i]" (both backends and
+// jit_unlearn/reference.py use it word for word).
+#define JIT_UNLEARN_SSD_INVALID_IMPORTANCE \
+  ": holds a negative or NaN value; importances must be >= 0 (a negative one would flip the parameter's sign)"
 
 // Selection test I_f > alpha * I_D, in the opmath dtype T.  Any NaN importance gives false (not selected);
 // I_D = 0 < I_f is selected.

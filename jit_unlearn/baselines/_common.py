@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-from .. import masked_finetune
+from .._safety import protected
 from .._utils import as_batches, batch_input, check_logits, first_batch, model_device, module_mode
+from ..methods.deletion.finetune import DIVERGED_HINT, prepare_finetune
 
 
 @dataclass
@@ -165,9 +166,10 @@ def run(
     progress,
     start: float,
 ) -> BaselineReport:
-    """One call of the masked fine-tuning loop with every parameter trainable (mask=None); the loop
-    validates its arguments before any change and restores the model bitwise on any failure."""
-    fine = masked_finetune(
+    """One run of the masked fine-tuning loop with every parameter trainable (mask=None): its
+    arguments are checked before any change, the report is built inside the protected call (the
+    commit is the last thing that happens), and the model is restored bitwise on any failure."""
+    finetune = prepare_finetune(
         model,
         None,
         retain,
@@ -182,4 +184,9 @@ def run(
         seed=seed,
         progress=progress,
     )
-    return BaselineReport(method, epochs, fine.steps, fine.final_loss, time.perf_counter() - start)
+
+    def body(snapshot) -> BaselineReport:
+        fine = finetune(snapshot)
+        return BaselineReport(method, epochs, fine.steps, fine.final_loss, time.perf_counter() - start)
+
+    return protected(model, body, method=method, hint=DIVERGED_HINT)

@@ -82,7 +82,7 @@ def bad_teacher(
     checks.integer(seed, "seed", low=0)
     checks.integer(batch_size, "batch_size", low=1)
     # The loop's settings too, before the teachers read the first forget batch.
-    check_finetune_args(lr, epochs, momentum, weight_decay, 0.0, seed, "finetune")
+    check_finetune_args(lr, epochs, momentum, weight_decay, 0.0, seed, "finetune", model)
     retain_part = random_subset(retain, fraction, seed, "retain")
     n_retain, n_forget = count(retain_part), count(forget)
     forget_size = batch_size

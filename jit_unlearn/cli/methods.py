@@ -34,6 +34,7 @@ __all__ = [
     "call_method",
     "validate_methods",
     "check_float_range",
+    "StandIn",
 ]
 
 # Method name in a config -> (module, function, label in tables and plots).
@@ -158,8 +159,9 @@ class _Validated(BaseException):
     A BaseException, so that no method's error handling can take it for a data error."""
 
 
-class _Unread(Dataset):
-    """A stand-in for a data set of `size` samples that stops the call at its first read."""
+class StandIn(Dataset):
+    """The data of a dry validation: a stand-in for a data set of `size` samples that stops the
+    method's call at its first read."""
 
     def __init__(self, size: int):
         self.size = size
@@ -184,9 +186,9 @@ def validate_methods(specs: list[MethodSpec], model: nn.Module, splits, factory,
             check_float_range(value, f"{spec.where}.{key}", dtype)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     stand_in = {
-        "forget": _Unread(len(splits.forget)),
-        "retain": _Unread(len(splits.retain)),
-        "train": _Unread(len(splits.train)),
+        "forget": StandIn(len(splits.forget)),
+        "retain": StandIn(len(splits.retain)),
+        "train": StandIn(len(splits.train)),
     }
     for spec in specs:
         scratch = copy.deepcopy(model)

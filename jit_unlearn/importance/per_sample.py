@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from .. import distributed
-from .._utils import batch_input, batch_labels, iter_batches, model_device
+from .._safety import BatchChecks
+from .._utils import batch_input, batch_labels, check_logits, iter_batches, model_device
 from .._utils import progress as progress_bar
 from .batch_pass import batch_loss, num_batches
 
@@ -85,14 +86,15 @@ def _param_name(prefix: str, leaf: str) -> str:
 
 
 def per_sample_pass(
-    model, batches, acc: dict[str, torch.Tensor], kind: str, show: bool, max_elems: int, name: str
+    model, batches, acc: dict[str, torch.Tensor], kind: str, show: bool, max_elems: int, name: str, data: BatchChecks
 ) -> tuple[int, int]:
     """Add sum_i acc(g_i) over single samples into `acc` with vmap(grad); returns (batches, samples).
 
     nn.Linear weights are not differentiated per sample: their gradient for sample i is the outer
     product d_i a_i^T, so sum_i g_i^2 = (d^2)^T (a^2) and sum_i |g_i| = |d|^T |a| (one matmul per
     chunk instead of a [chunk, out, in] tensor).  Every other parameter gets its per-sample
-    gradient from vmap(grad(...)) and is reduced over the chunk."""
+    gradient from vmap(grad(...)) and is reduced over the chunk.  `data` checks each batch's inputs
+    and labels (the labels' range once the first chunk has shown the number of classes)."""
     square = kind == "fisher"
     device = model_device(model)
     linears = _factorable_linears(model)
@@ -103,8 +105,11 @@ def per_sample_pass(
         for batch in progress_bar(
             iter_batches(batches), enabled=show, desc=f"per-sample importances ({name})", total=num_batches(batches)
         ):
-            x = batch_input(batch, name=name)
-            y = batch_labels(batch, name=name).to(device, non_blocking=True) if square else None
+            x = data.inputs(batch_input(batch, name=name), batches_seen)
+            y = batch_labels(batch, name=name) if square else None
+            known = plan.num_classes  # K, once a chunk has run; before that the range is checked per chunk
+            if y is not None:
+                y = data.labels(y, batches_seen, x.shape[0], known).to(device, non_blocking=True)
             x = x.to(device, non_blocking=True)
             start = 0
             while start < x.shape[0]:
@@ -112,8 +117,12 @@ def per_sample_pass(
                 try:
                     grads, deltas, inputs = plan(x[start:stop], None if y is None else y[start:stop])
                 except _Unfactorable as exc:
-                    plan = _PerSamplePlan(model, taps, kind, max_elems, factored=plan.factored - {exc.name})
+                    plan = _PerSamplePlan(
+                        model, taps, kind, max_elems, factored=plan.factored - {exc.name}, num_classes=plan.num_classes
+                    )
                     continue
+                if y is not None and known is None:
+                    data.labels(y[start:stop], batches_seen, min(stop, x.shape[0]) - start, plan.num_classes)
                 for pname, g in grads.items():
                     acc[pname].add_((g * g if square else g.abs()).sum(0))
                 for mname, d in deltas.items():
@@ -137,8 +146,18 @@ class _PerSamplePlan:
     """One vmap(grad) function: per-sample gradients of the non-factored trainable parameters and
     of the probes of the factored Linear modules, plus those modules' per-sample inputs."""
 
-    def __init__(self, model, taps: _LinearTaps, kind: str, max_elems: int, factored: set[str] | None = None):
+    def __init__(
+        self,
+        model,
+        taps: _LinearTaps,
+        kind: str,
+        max_elems: int,
+        factored: set[str] | None = None,
+        num_classes: int | None = None,
+    ):
         from torch.func import functional_call, grad, vmap
+
+        self.num_classes = num_classes  # K, known after the first call
 
         self.factored = set(taps.modules) if factored is None else set(factored)
         factored_params = {_param_name(m, leaf) for m in self.factored for leaf in ("weight", "bias")}
@@ -169,6 +188,10 @@ class _PerSamplePlan:
                 m: taps.inputs[m] if m in taps.inputs else out.new_zeros(taps.modules[m].in_features) for m in probes
             }
             taps.probes, taps.inputs = {}, {}
+            out = check_logits(out, 1)
+            self.num_classes = out.shape[1]
+            if y is not None:  # kept in range until the caller has checked the labels (a CUDA gather would abort)
+                y = y.clamp(0, out.shape[1] - 1)
             return _sample_loss(out, y, kind), inputs
 
         self.fn = vmap(

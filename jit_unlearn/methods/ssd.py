@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -13,7 +14,8 @@ import torch
 
 from .. import _checks as checks
 from .. import ops
-from .._utils import as_batches, model_device, restore_on_failure
+from .._safety import protected
+from .._utils import as_batches, model_device
 from ..importance import Importances, importances
 
 __all__ = ["SSDReport", "dampen_", "ssd", "lf_ssd", "assd", "assd_alpha"]
@@ -38,10 +40,30 @@ class SSDReport:
     dampen_seconds: float
     forget_importances: Importances = field(repr=False)
     full_importances: Importances = field(repr=False)
+    changed: bool = True  # whether any parameter changed (False comes with a RuntimeWarning)
 
     @property
     def selected_fraction(self) -> float:
         return self.total_selected / self.total_elements if self.total_elements else 0.0
+
+    def __str__(self) -> str:
+        hp = f"alpha {self.alpha:.4g}, lam {self.lam:.4g}" + (
+            f", exponent {self.exponent:.4g}" if self.exponent != 1 else ""
+        )
+        times = (
+            f"{self.seconds:.3g} s (importances {self.importance_seconds:.3g} s, dampening {self.dampen_seconds:.3g} s)"
+        )
+        tensors = {n: c for n, c in self.selected.items() if c}
+        if not tensors:
+            return f"{self.method} ({hp}): selected no parameter element; the model is UNCHANGED; {times}"
+        top = sorted(tensors.items(), key=lambda kv: -kv[1])[:3]
+        most = ", ".join(f"{n} {c:,}" for n, c in top)
+        unchanged = "" if self.changed else "; no selected value changed: the model is UNCHANGED"
+        return (
+            f"{self.method} ({hp}): dampened {self.total_selected:,} of {self.total_elements:,} elements "
+            f"({100 * self.selected_fraction:.3g}%) in {len(tensors)} of {len(self.selected)} tensors "
+            f"(most: {most}){unchanged}; {times}"
+        )
 
 
 def _check_hparams(alpha, lam, exponent) -> tuple[float | None, float, float]:
@@ -98,6 +120,7 @@ def dampen_(
     Everything is checked before any parameter changes; no NaN or inf can be written.
     """
     alpha, lam, exponent = _check_hparams(alpha, lam, exponent)
+    checks.model(model)
     # a plain mapping takes the kind of the other argument
     kind = next((i.kind for i in (imp_forget, imp_full) if isinstance(i, Importances)), "fisher")
     imp_f = _checked(model, imp_forget, "imp_forget", kind)
@@ -155,7 +178,7 @@ def _unlearn(
     max_batch_elems,
 ) -> SSDReport:
     alpha, lam, exponent = _check_hparams(alpha, lam, exponent)
-    checks.module(model)
+    checks.model(model)
     checks.boolean(per_sample, "per_sample")
     if full_importances is not None:
         if isinstance(full_importances, Importances):  # a plain mapping records neither
@@ -177,8 +200,9 @@ def _unlearn(
     full_batches = as_batches(full, batch_size, name="full") if full_importances is None else None
     device = model_device(model)
     opts = {"kind": kind, "per_sample": per_sample, "progress": progress, "max_batch_elems": max_batch_elems}
-    start = time.perf_counter()
-    with restore_on_failure(model):
+
+    def body(snapshot) -> SSDReport:
+        start = time.perf_counter()
         imp_f = importances(model, forget_batches, name="forget", **opts)
         imp_d = (
             full_importances if full_importances is not None else importances(model, full_batches, name="full", **opts)
@@ -189,26 +213,38 @@ def _unlearn(
                     f"{name}: importances hold NaN or inf in {imp.invalid[:5]} "
                     f"(the model's gradients overflowed); nothing was changed"
                 )
-        if alpha is None:
-            alpha = assd_alpha(imp_f, imp_d, imp_f.num_samples, imp_d.num_samples)
+        a = assd_alpha(imp_f, imp_d, imp_f.num_samples, imp_d.num_samples) if alpha is None else alpha
         checks.sync(device)
         mid = time.perf_counter()
-        selected = _dampen(model, imp_f, imp_d, alpha, lam, exponent)
-    end = time.perf_counter()
-    return SSDReport(
-        method=method,
-        alpha=alpha,
-        lam=lam,
-        exponent=exponent,
-        selected=selected,
-        total_selected=sum(selected.values()),
-        total_elements=sum(p.numel() for p in model.parameters()),
-        seconds=end - start,
-        importance_seconds=mid - start,
-        dampen_seconds=end - mid,
-        forget_importances=imp_f,
-        full_importances=imp_d,
-    )
+        selected = _dampen(model, imp_f, imp_d, a, lam, exponent)
+        total_selected = sum(selected.values())
+        changed = total_selected > 0 and snapshot.changed()
+        if not changed:
+            why = (
+                f"no parameter element has I_f > alpha * I_D (alpha={a:.4g})"
+                if total_selected == 0
+                else f"the {total_selected} selected elements keep their values (factor min(lam * I_D / I_f, 1) = 1 "
+                f"with lam={lam:.4g}, or the values are 0)"
+            )
+            warnings.warn(f"{method}: {why}; the model is unchanged", RuntimeWarning, stacklevel=5)
+        end = time.perf_counter()
+        return SSDReport(
+            method=method,
+            alpha=a,
+            lam=lam,
+            exponent=exponent,
+            selected=selected,
+            total_selected=total_selected,
+            total_elements=sum(p.numel() for p in model.parameters()),
+            seconds=end - start,
+            importance_seconds=mid - start,
+            dampen_seconds=end - mid,
+            forget_importances=imp_f,
+            full_importances=imp_d,
+            changed=changed,
+        )
+
+    return protected(model, body, method=method)
 
 
 def ssd(
@@ -238,8 +274,13 @@ def ssd(
         full_importances: precomputed I_D for this model (e.g. `report.full_importances` of an
             earlier call, or `Importances.load`): skips the full-data pass.
         per_sample: SSD-Det per-sample importances instead of the published batch average.
+    The model may return logits [B, K] as a tensor or in an output's `.logits` / "logits" (transformers'
+    classifiers); labels must be integer class indices [B] in [0, K) (ValueError naming the batch
+    otherwise, as for inputs holding NaN or inf).
     Returns:
-        SSDReport.  On any error the model is restored bitwise.
+        SSDReport; `changed` is False, with a RuntimeWarning, when no parameter changed (e.g. no
+        element selected).  On any error (KeyboardInterrupt included) the model and the caller's
+        `.grad` are restored bitwise.
     """
     return _unlearn(
         "ssd",

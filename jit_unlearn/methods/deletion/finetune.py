@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -14,15 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import _checks as checks
+from ..._safety import BatchChecks, LabelTap, Snapshot, protected
 from ..._utils import (
     batch_input,
     batch_labels,
     check_labelled,
     check_logits,
+    counted,
     model_device,
     module_mode,
     params_finite,
-    restore_on_failure,
     seeded_batches,
 )
 from ..._utils import progress as _progress
@@ -30,9 +31,10 @@ from .mask import Mask
 from .objective import FinetuneObjective
 from .reference import check_mode, reference_batches, run_reference_finetune
 
-__all__ = ["masked_finetune", "FinetuneReport", "OBJECTIVES"]
+__all__ = ["masked_finetune", "prepare_finetune", "FinetuneReport", "OBJECTIVES"]
 
 OBJECTIVES = ("finetune", "neggrad_plus", "relabel")
+DIVERGED_HINT = "training diverged: lower lr"
 
 
 @dataclass
@@ -46,6 +48,14 @@ class FinetuneReport:
     trainable: int  # entries that were allowed to change (mask | head)
     final_loss: float | None  # mean training loss over the last epoch
     seconds: float
+
+    def __str__(self) -> str:
+        loss = "no step taken" if self.final_loss is None else f"final loss {self.final_loss:.4g}"
+        entries = counted(self.trainable, "trainable entry", "trainable entries")
+        return (
+            f"masked fine-tuning ({self.objective}): {entries}, "
+            f"{counted(self.epochs, 'epoch')}, {counted(self.steps, 'step')}, {loss}; {self.seconds:.3g} s"
+        )
 
 
 def head_parameter_names(model: nn.Module, head) -> list[str]:
@@ -66,18 +76,23 @@ def head_parameter_names(model: nn.Module, head) -> list[str]:
 
 
 def _cycle(batches) -> Iterator:
-    """The batches again and again (the forget set of the ascent objectives is cycled)."""
+    """(index within a pass, batch) of the batches again and again (the forget set of the ascent
+    objectives is cycled)."""
     while True:
         yielded = False
-        for batch in batches:
+        for i, batch in enumerate(batches):
             yielded = True
-            yield batch
+            yield i, batch
         if not yielded:
             raise ValueError("forget: yields no batches (empty)")
 
 
-def _xy(batch, name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return batch_input(batch, name=name).to(device), batch_labels(batch, name=name).to(device)
+def _xy(batch, data: BatchChecks, index: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's inputs (checked for NaN/inf) and labels (shape and dtype checked; the range is
+    checked once the logits show K), both on `device`."""
+    x = data.inputs(batch_input(batch, name=data.name), index)
+    y = data.labels(batch_labels(batch, name=data.name), index, x.shape[0], None)
+    return x.to(device), y.to(device)
 
 
 def run_finetune(
@@ -134,6 +149,10 @@ def run_finetune(
     rng = torch.Generator().manual_seed(seed)
     pair = custom.pair_forget if custom is not None else objective != "finetune"
     forget_iter = _cycle(forget_batches) if pair else None
+    # a custom loss reads the labels itself: they are checked eagerly, from a hook on the model's forward
+    retain_data = BatchChecks("retain", defer=False if custom is not None else None)
+    forget_data = BatchChecks("forget", defer=False if custom is not None else None)
+    tap = LabelTap(model) if custom is not None else None
     step, final_loss = 0, None
 
     def sgd_step(loss: torch.Tensor) -> None:
@@ -156,40 +175,57 @@ def run_finetune(
         step += 1
 
     def check_finite(loss: float) -> None:
+        retain_data.verify()
+        forget_data.verify()
         if not math.isfinite(loss) or not params_finite(params):
             raise RuntimeError(f"masked_finetune: training diverged (loss {loss}); lower lr. The model was restored.")
 
+    def labelled(data: BatchChecks, index: int, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = _xy(batch, data, index, device)
+        if tap is not None:  # checked against the logits when the custom loss runs the model on x
+            tap.expect(x, y, data, index)
+        return x, y
+
+    def logits_and_labels(data: BatchChecks, index: int, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = _xy(batch, data, index, device)
+        out = check_logits(model(x), x.shape[0])
+        return out, data.labels(y, index, x.shape[0], out.shape[1])
+
     desc = f"DEL {label}" if mask is not None else label
-    with module_mode(model, True):
-        for epoch in _progress(range(epochs), enabled=show, desc=desc):
-            if epoch < pass_epochs:
-                pass_sum = torch.zeros((), dtype=torch.float64, device=device)
-                for fb in forget_batches:
-                    loss = custom.forget_pass_loss(model, *_xy(fb, "forget", device))
+    try:
+        with module_mode(model, True):
+            for epoch in _progress(range(epochs), enabled=show, desc=desc):
+                if epoch < pass_epochs:
+                    pass_sum = torch.zeros((), dtype=torch.float64, device=device)
+                    for j, fb in enumerate(forget_batches):
+                        loss = custom.forget_pass_loss(model, *labelled(forget_data, j, fb))
+                        sgd_step(loss)
+                        pass_sum += loss.detach()
+                    check_finite(float(pass_sum))
+                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+                for i, batch in enumerate(retain_batches):
+                    if custom is not None:
+                        x, y = labelled(retain_data, i, batch)
+                        xf, yf = labelled(forget_data, *next(forget_iter)) if forget_iter is not None else (None, None)
+                        loss = custom.step_loss(model, x, y, xf, yf)
+                    else:
+                        out, y = logits_and_labels(retain_data, i, batch)
+                        loss = F.cross_entropy(out, y)
+                        if forget_iter is not None:
+                            out_f, yf = logits_and_labels(forget_data, *next(forget_iter))
+                            if objective == "neggrad_plus":
+                                loss = loss - beta * F.cross_entropy(out_f, yf)
+                            else:
+                                k = out_f.shape[1]
+                                shift = torch.randint(1, max(k, 2), yf.shape, generator=rng).to(device)
+                                loss = loss + F.cross_entropy(out_f, (yf + shift) % k)
                     sgd_step(loss)
-                    pass_sum += loss.detach()
-                check_finite(float(pass_sum))
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for batch in retain_batches:
-                x, y = _xy(batch, "retain", device)
-                if custom is not None:
-                    xf, yf = _xy(next(forget_iter), "forget", device) if forget_iter is not None else (None, None)
-                    loss = custom.step_loss(model, x, y, xf, yf)
-                else:
-                    loss = F.cross_entropy(check_logits(model(x), x.shape[0]), y)
-                    if forget_iter is not None:
-                        xf, yf = _xy(next(forget_iter), "forget", device)
-                        out_f = check_logits(model(xf), xf.shape[0])
-                        if objective == "neggrad_plus":
-                            loss = loss - beta * F.cross_entropy(out_f, yf)
-                        else:
-                            k = out_f.shape[1]
-                            shift = torch.randint(1, max(k, 2), yf.shape, generator=rng).to(device)
-                            loss = loss + F.cross_entropy(out_f, (yf + shift) % k)
-                sgd_step(loss)
-                loss_sum += loss.detach()
-            final_loss = float(loss_sum) / steps_per_epoch
-            check_finite(final_loss)
+                    loss_sum += loss.detach()
+                final_loss = float(loss_sum) / steps_per_epoch
+                check_finite(final_loss)
+    finally:
+        if tap is not None:
+            tap.remove()
     checks.sync(device)
     return FinetuneReport(label, epochs, step, trainable, final_loss, time.perf_counter() - start)
 
@@ -201,11 +237,13 @@ def reference_finetune(model, mask: Mask, retain_batches, forget_batches, **kwar
     return FinetuneReport("finetune", kwargs["epochs"], steps, trainable, final_loss, time.perf_counter() - start)
 
 
-def check_finetune_args(lr, epochs, momentum, weight_decay, beta, seed, objective) -> None:
-    """The fine-tuning arguments of `masked_finetune` and `del_unlearn`."""
+def check_finetune_args(lr, epochs, momentum, weight_decay, beta, seed, objective, model: nn.Module) -> None:
+    """The fine-tuning arguments of `masked_finetune` and `del_unlearn` (the learning rate must fit
+    the dtype of the model's parameters)."""
     if not isinstance(objective, FinetuneObjective):
         checks.choice(objective, "objective", OBJECTIVES)
     checks.real(lr, "lr", low=0.0, low_open=True)
+    checks.fits_dtype(lr, "lr", {p.dtype for p in model.parameters()})
     checks.integer(epochs, "epochs", low=0)
     checks.real(momentum, "momentum", low=0.0, high=1.0, high_open=True)
     checks.real(weight_decay, "weight_decay", low=0.0)
@@ -286,9 +324,51 @@ def masked_finetune(
     Returns:
         FinetuneReport(objective, epochs, steps, trainable entries, final_loss, seconds).
     """
+    body = prepare_finetune(
+        model,
+        mask,
+        retain,
+        forget=forget,
+        objective=objective,
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        momentum=momentum,
+        weight_decay=weight_decay,
+        beta=beta,
+        seed=seed,
+        head=head,
+        mode=mode,
+        progress=progress,
+    )
+    return protected(model, body, method="masked_finetune", hint=DIVERGED_HINT)
+
+
+def prepare_finetune(
+    model: nn.Module,
+    mask: Mask | None,
+    retain,
+    *,
+    forget=None,
+    objective: str | FinetuneObjective = "finetune",
+    lr: float,
+    epochs: int,
+    batch_size: int = 128,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    beta: float = 0.1,
+    seed: int = 0,
+    head=None,
+    mode: str = "default",
+    progress: bool = True,
+) -> Callable[[Snapshot], FinetuneReport]:
+    """Check the arguments of `masked_finetune` (the same ones) and return the run as a body for
+    `_safety.protected`: callers that add to the report (the baselines) build theirs inside the
+    same protected call, so that the commit stays the last thing they do."""
+    checks.model(model)
     if mask is not None and not isinstance(mask, Mask):
         raise TypeError(f"mask: expected a jit_unlearn.Mask or None, got {type(mask).__name__}")
-    check_finetune_args(lr, epochs, momentum, weight_decay, beta, seed, objective)
+    check_finetune_args(lr, epochs, momentum, weight_decay, beta, seed, objective, model)
     checks.integer(batch_size, "batch_size", low=1)
     check_mode(mode, objective=objective)
     if mask is None and mode == "reference":
@@ -299,7 +379,11 @@ def masked_finetune(
     if mode == "reference":
         retain_batches = reference_batches(retain, batch_size, "retain", shuffle=True, seed=seed)
         forget_batches = None if forget is None else reference_batches(forget, batch_size, "forget")
-        with restore_on_failure(model):
+    else:
+        retain_batches, forget_batches = finetune_batches(retain, forget, objective, batch_size, seed)
+
+    def body(snapshot) -> FinetuneReport:
+        if mode == "reference":
             return reference_finetune(
                 model,
                 mask,
@@ -312,8 +396,6 @@ def masked_finetune(
                 head_names=head_names,
                 show=progress,
             )
-    retain_batches, forget_batches = finetune_batches(retain, forget, objective, batch_size, seed)
-    with restore_on_failure(model):
         return run_finetune(
             model,
             mask,
@@ -329,3 +411,5 @@ def masked_finetune(
             head_names=head_names,
             show=progress,
         )
+
+    return body

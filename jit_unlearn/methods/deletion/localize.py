@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import _checks as checks
+from ..._safety import BatchChecks
 from ..._utils import batch_input, batch_labels, check_logits, model_device, module_mode, seeded_batches
 from ..._utils import progress as _progress
 from .mask import Mask
@@ -42,11 +43,13 @@ def _element_scores(
     device = model_device(model)
     acc = [torch.zeros(p.shape, dtype=dtype, device=p.device) for p in params]
     seen = 0
+    data = BatchChecks("forget")
     with module_mode(model, False), torch.enable_grad():
         for batch in _progress(batches, enabled=show, desc="DEL localize"):
-            x = batch_input(batch, name="forget").to(device)
-            y = batch_labels(batch, name="forget").to(device)
-            loss = F.cross_entropy(check_logits(model(x), x.shape[0]), y)
+            x = data.inputs(batch_input(batch, name="forget"), seen).to(device)
+            out = check_logits(model(x), x.shape[0])
+            y = data.labels(batch_labels(batch, name="forget"), seen, x.shape[0], out.shape[1]).to(device)
+            loss = F.cross_entropy(out, y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for a, g in zip(acc, grads):
                 if g is not None:
@@ -54,6 +57,7 @@ def _element_scores(
             seen += 1
     if seen == 0:
         raise ValueError("forget: yields no batches (empty)")
+    data.verify()
     # S sums the gradients of L_b = -CE_b; the negation is exact, so |S| and |θ ⊙ S| need no sign.
     if criterion == "weighted_grad":
         return [a.mul_(p.detach()).abs_() for a, p in zip(acc, params)]
@@ -138,8 +142,9 @@ def localize(
     """Select the ⌊budget·P⌋ parameter entries most critical to the forget set (docs/METHODS.md §3).
 
     Args:
-        model: classifier returning [B, K] logits.  Its trainable floating parameters (P entries in
-            all) are scored; the model is not modified (scoring runs in eval mode, grads are not stored).
+        model: classifier returning [B, K] logits (or an output holding them as `.logits`).  Its
+            trainable floating parameters (P entries in all) are scored; the model is not modified
+            (scoring runs in eval mode, grads are not stored).
         forget: DataLoader / Dataset / tensors yielding (x, y) batches, y int64 [B].  Not read for
             criterion="random" (may be None).
         criterion: "weighted_grad" |θ ⊙ Σ_b ∇θ(−CE_b)| (DEL), "grad" |Σ_b ∇θ CE_b| (SalUn saliency),
@@ -165,6 +170,7 @@ def localize(
     if top_fraction is not None:
         top_fraction = checks.real(top_fraction, "top_fraction", low=0.0, high=1.0, low_open=True)
     checks.integer(seed, "seed", low=0)
+    checks.model(model)
     check_mode(mode, criterion=criterion)
     named = _scored_parameters(model)
     if mode == "reference":

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import _checks as checks
+from ..._safety import BatchChecks
 from ..._utils import (
     batch_input,
     batch_labels,
@@ -52,11 +53,13 @@ def reference_scores(
     device = model_device(model)
     acc = [torch.zeros(p.shape, dtype=p.dtype, device=p.device) for p in params]
     seen = 0
+    data = BatchChecks("forget")
     with module_mode(model, False), torch.enable_grad():
         for batch in _progress(batches, enabled=show, desc="DEL localize"):
-            x = batch_input(batch, name="forget").to(device)
-            y = batch_labels(batch, name="forget").to(device)
-            loss = -F.cross_entropy(check_logits(model(x), x.shape[0]), y)
+            x = data.inputs(batch_input(batch, name="forget"), seen).to(device)
+            out = check_logits(model(x), x.shape[0])
+            y = data.labels(batch_labels(batch, name="forget"), seen, x.shape[0], out.shape[1]).to(device)
+            loss = -F.cross_entropy(out, y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             with torch.no_grad():
                 for a, p, g in zip(acc, params, grads):
@@ -65,6 +68,7 @@ def reference_scores(
             seen += 1
     if seen == 0:
         raise ValueError("forget: yields no batches (empty)")
+    data.verify()
     return [a.abs_() for a in acc]
 
 
@@ -169,17 +173,19 @@ def run_reference_finetune(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=0.01 * lr)
     saved_grads = [p.grad for p in params]
     step, final_loss = 0, None
+    data = BatchChecks("retain")
     try:
         with module_mode(model, True):
             for _ in _progress(range(epochs), enabled=show, desc="DEL finetune"):
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 forget_iter = iter(forget_batches) if forget_batches is not None else None
-                for batch in retain_batches:
+                for i, batch in enumerate(retain_batches):
                     if forget_iter is not None and next(forget_iter, None) is None:
                         forget_iter = None
-                    x = batch_input(batch, name="retain").to(device)
-                    y = batch_labels(batch, name="retain").to(device)
-                    loss = F.cross_entropy(check_logits(model(x), x.shape[0]), y)
+                    x = data.inputs(batch_input(batch, name="retain"), i).to(device)
+                    out = check_logits(model(x), x.shape[0])
+                    y = data.labels(batch_labels(batch, name="retain"), i, x.shape[0], out.shape[1]).to(device)
+                    loss = F.cross_entropy(out, y)
                     grads = torch.autograd.grad(loss, params, allow_unused=True)
                     for p, g, m in zip(params, grads, masks):
                         p.grad = g if g is None or m is None else g * m
@@ -188,6 +194,7 @@ def run_reference_finetune(
                     step += 1
                 schedule.step()
                 final_loss = float(loss_sum) / steps_per_epoch
+                data.verify()
                 if not math.isfinite(final_loss) or not params_finite(params):
                     raise RuntimeError(
                         f"masked_finetune: training diverged (loss {final_loss}); lower lr. The model was restored."

@@ -12,7 +12,8 @@ from torch import nn
 
 from ... import _checks as checks
 from ... import ops
-from ..._utils import check_labelled, model_device, params_finite, restore_on_failure, seeded_batches
+from ..._safety import protected
+from ..._utils import check_labelled, counted, model_device, params_finite, seeded_batches
 from .finetune import check_finetune_args, finetune_batches, head_parameter_names, reference_finetune, run_finetune
 from .localize import CRITERIA, GRANULARITIES, localize
 from .mask import Mask
@@ -42,6 +43,17 @@ class DELReport:
 
     def __post_init__(self):
         self.seconds = self.seconds_localize + self.seconds_reset + self.seconds_finetune
+
+    def __str__(self) -> str:
+        head = f", head {self.head!r} trained fully" if self.head else ""
+        tensors = sum(1 for f in self.layer_fractions.values() if f > 0)
+        loss = "no step taken" if self.final_loss is None else f"final loss {self.final_loss:.4g}"
+        return (
+            f"del: reset and fine-tuned {self.masked:,} of {self.total:,} entries ({100 * self.fraction:.3g}%) "
+            f"in {tensors} of {len(self.layer_fractions)} tensors{head}; "
+            f"{counted(self.epochs, 'epoch')}, {counted(self.steps, 'step')}, {loss}; {self.seconds:.3g} s (localize "
+            f"{self.seconds_localize:.3g} s, reset {self.seconds_reset:.3g} s, fine-tune {self.seconds_finetune:.3g} s)"
+        )
 
 
 def _last_linear(model: nn.Module) -> str:
@@ -93,6 +105,8 @@ def _init_state(init, model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
         t = state[name]
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"init[{name!r}]: expected a floating tensor")
+        if t.is_meta:
+            raise ValueError(f"init[{name!r}]: is on the meta device (a shape without values); init needs real values")
         if t.shape != p.shape:
             raise ValueError(f"init[{name!r}]: shape {tuple(t.shape)} differs from the model's {tuple(p.shape)}")
         out[name] = t
@@ -123,7 +137,7 @@ def del_unlearn(
     """DEL: localize (docs/METHODS.md §3 steps 1-3), reset the selected entries to `init`, fine-tune them on retain.
 
     Args:
-        model: classifier returning [B, K] logits; modified in place.
+        model: classifier returning [B, K] logits (a tensor, or `.logits` / "logits" of its output); modified in place.
         forget, retain: (x, y) batches: DataLoaders (used as is) or tensors / Datasets batched by
             `batch_size` (retain shuffled with `seed`).  y int64 [B].
         init: a freshly initialised copy of the architecture: a state_dict, an nn.Module, or a
@@ -158,12 +172,13 @@ def del_unlearn(
     the loss and the parameters after every epoch, and restore the model bitwise on any failure
     (including KeyboardInterrupt); they never write NaN or inf into the parameters.
     """
+    checks.model(model)
     checks.choice(criterion, "criterion", CRITERIA)
     checks.choice(granularity, "granularity", GRANULARITIES)
     checks.real(budget, "budget", low=0.0, high=1.0, low_open=True)
     if top_fraction is not None:
         checks.real(top_fraction, "top_fraction", low=0.0, high=1.0, low_open=True)
-    check_finetune_args(lr, epochs, momentum, weight_decay, 0.0, seed, "finetune")
+    check_finetune_args(lr, epochs, momentum, weight_decay, 0.0, seed, "finetune", model)
     checks.integer(batch_size, "batch_size", low=1)
     checks.boolean(head_trainable, "head_trainable")
     check_mode(mode, criterion=criterion)
@@ -180,7 +195,8 @@ def del_unlearn(
             check_labelled(forget_batches, "forget")
         retain_batches, _ = finetune_batches(retain, None, "finetune", batch_size, seed)
     device = model_device(model)
-    with restore_on_failure(model):
+
+    def body(snapshot) -> DELReport:
         t0 = time.perf_counter()
         mask = localize(
             model,
@@ -226,17 +242,19 @@ def del_unlearn(
                 head_names=head_names,
                 show=progress,
             )
-    return DELReport(
-        mask=mask,
-        fraction=mask.fraction(),
-        layer_fractions=mask.layer_fractions(),
-        masked=mask.count(),
-        total=mask.numel(),
-        head=head_name,
-        epochs=epochs,
-        steps=fine.steps,
-        final_loss=fine.final_loss,
-        seconds_localize=t1 - t0,
-        seconds_reset=t2 - t1,
-        seconds_finetune=fine.seconds,
-    )
+        return DELReport(
+            mask=mask,
+            fraction=mask.fraction(),
+            layer_fractions=mask.layer_fractions(),
+            masked=mask.count(),
+            total=mask.numel(),
+            head=head_name,
+            epochs=epochs,
+            steps=fine.steps,
+            final_loss=fine.final_loss,
+            seconds_localize=t1 - t0,
+            seconds_reset=t2 - t1,
+            seconds_finetune=fine.seconds,
+        )
+
+    return protected(model, body, method="del_unlearn", hint="training diverged: lower lr")
