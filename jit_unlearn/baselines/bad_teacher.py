@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import FinetuneObjective
 from .. import _checks as checks
+from ..methods.deletion.finetune import check_finetune_args
 from ._common import (
     BaselineReport,
     LoopSettings,
@@ -81,6 +82,8 @@ def bad_teacher(
     fraction = checks.real(retain_fraction, "retain_fraction", low=0.0, high=1.0, low_open=True)
     checks.integer(seed, "seed", low=0)
     checks.integer(batch_size, "batch_size", low=1)
+    # The loop's settings too, before the teachers read the first forget batch.
+    check_finetune_args(lr, epochs, momentum, weight_decay, 0.0, seed, "finetune", model)
     retain_part = random_subset(retain, fraction, seed, "retain")
     n_retain, n_forget = count(retain_part), count(forget)
     forget_size = batch_size
