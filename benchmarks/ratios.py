@@ -4,8 +4,10 @@
     python benchmarks/ratios.py bench.json
 
 For each group, every entry's min and median time are divided by those of the group's fastest entry.
-Paired benchmarks (a baseline timed inside the same rounds, see bench_jit.py and bench_precision.py)
-also print the ratios they recorded in extra_info, and throughput benchmarks their samples per second.
+Paired benchmarks (a baseline timed inside the same rounds, see bench_jit.py,
+bench_integrations.py and bench_precision.py) also print the ratios they recorded in extra_info
+("floor" is that baseline; extra_info["baseline"] names it when it is not a floor), and throughput
+benchmarks their samples per second.
 """
 
 import json
@@ -32,7 +34,7 @@ def main(path: str) -> None:
             )
             extra = b.get("extra_info") or {}
             if "median_paired_ratio" in extra:  # a paired group: the baseline ran inside the rounds
-                label = "  paired with its floor, rounds alternating:"
+                label = f"  paired with {extra.get('baseline', 'its floor')}, rounds alternating:"
                 print(
                     f"{label:58s} floor min {extra['floor_min'] * 1e3:.3f} ms, "
                     f"median {extra['floor_median'] * 1e3:.3f} ms; ratio of mins {extra['ratio_of_mins']:.3f}, "

@@ -23,7 +23,7 @@ TORCH_LIBRARY(jit_unlearn, m) {
   // acc[i] += scale * g[i]^2 ("square") or scale * |g[i]| ("abs").  The argument is not called `mode`:
   // torch.compile's auto-functionalization passes op arguments as keywords, and `mode` collides there.
   m.def("accumulate_importance_(Tensor(a!)[] acc, Tensor[] grads, str importance_mode, float scale) -> ()");
-  // SSD dampening (ALGORITHMS.md section 2); returns the selected-element count per tensor (int64 [T]).
+  // SSD dampening (docs/METHODS.md §2); returns the selected-element count per tensor (int64 [T]).
   m.def(
       "ssd_dampen_(Tensor(a!)[] params, Tensor[] imp_forget, Tensor[] imp_full, float alpha, float lam, "
       "float exponent) -> Tensor");

@@ -1,7 +1,8 @@
 """jit_unlearn: fast machine unlearning for trained PyTorch classifiers.
 
 Methods: `jit` (zero-shot Lipschitz smoothing), `ssd`, `lf_ssd`, `assd` (selective synaptic
-dampening), `del_unlearn` (localize, reset, fine-tune).  Fused ops live in `jit_unlearn.ops` and,
+dampening), `del_unlearn` (localize, reset, fine-tune); the literature's comparison baselines in
+`jit_unlearn.baselines` (docs/BASELINES.md).  Fused ops live in `jit_unlearn.ops` and,
 when the compiled library is loaded, in `torch.ops.jit_unlearn`.  The maths of every method is in
 docs/METHODS.md.  Submodules (`eval`, `data`, `models`, `methods`, `distributed`, `cli`, ...) are
 importable as attributes after `import jit_unlearn`.
@@ -32,11 +33,12 @@ _LAZY = {
     "Mask": ".methods.deletion",
     "del_unlearn": ".methods.deletion",
     "masked_finetune": ".methods.deletion",
+    "FinetuneObjective": ".methods.deletion",
     "DELReport": ".methods.deletion",
     "FinetuneReport": ".methods.deletion",
 }
 # Submodules reachable as attributes without an explicit import, as torch does for its own.
-_SUBMODULES = ("cli", "data", "distributed", "eval", "importance", "methods", "models", "torch_ops")
+_SUBMODULES = ("baselines", "cli", "data", "distributed", "eval", "importance", "methods", "models", "torch_ops")
 
 __all__ = ["ops", "backend_info", "force_backend", "load_library", *_LAZY, *_SUBMODULES]
 

@@ -45,6 +45,7 @@ _HAS_KERNEL = {"cpu": False, "cuda": False}
 _library_path: str | None = None
 _load_error: str | None = None
 _forced: str | None = None
+_warned_values: set[str] = set()  # JIT_UNLEARN_BACKEND values already warned about (once per process)
 
 
 def find_library(directory: str | None = None) -> str | None:
@@ -124,7 +125,9 @@ def _requested() -> str:
         return _forced
     value = os.environ.get("JIT_UNLEARN_BACKEND", "auto").strip().lower() or "auto"
     if value not in _VALID:
-        warnings.warn(f"JIT_UNLEARN_BACKEND={value!r} is not one of {_VALID}; using 'auto'", stacklevel=3)
+        if value not in _warned_values:
+            _warned_values.add(value)
+            warnings.warn(f"JIT_UNLEARN_BACKEND={value!r} is not one of {_VALID}; using 'auto'", stacklevel=3)
         return "auto"
     return value
 

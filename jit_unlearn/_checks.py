@@ -12,6 +12,8 @@ from collections.abc import Collection, Sequence
 
 import torch
 
+from .torch_ops import FLOAT_DTYPES
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 UINT64_END = 2**64
 
@@ -117,7 +119,7 @@ def float_tensor(value, name: str) -> torch.Tensor:
     """A floating-point tensor (float32, float64, float16 or bfloat16)."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {_type_name(value)}")
-    if not value.is_floating_point():
+    if value.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name}: expected a floating-point tensor (float32/float64/float16/bfloat16), got {value.dtype}"
         )
@@ -158,6 +160,25 @@ def tensor_lists(lists: Sequence, names: Sequence[str], *, floating: Sequence[st
                 float_tensor(t, f"{name}[{i}]")
 
 
+def writable(tensors: Sequence[torch.Tensor], name: str) -> None:
+    """Every tensor can be updated in place: none has several elements on one memory location (an
+    expanded tensor, say), which an in-place write cannot give distinct values, and none is an
+    inference tensor outside inference mode.  Checked for the whole list before any op writes, so a
+    refusal leaves every tensor as it was."""
+    for i, t in enumerate(tensors):
+        if torch._debug_has_internal_overlap(t) == 1:  # 1: overlap for sure (0: none, 2: too hard to tell)
+            raise ValueError(
+                f"{name}[{i}]: several of its elements share one memory location (e.g. an expanded "
+                f"tensor of shape {tuple(t.shape)}, strides {t.stride()}), so it cannot be updated in place; "
+                "pass a tensor with its own storage (e.g. .clone())"
+            )
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            raise ValueError(
+                f"{name}[{i}]: is an inference tensor (made under torch.inference_mode), which torch lets "
+                "nothing update outside inference mode; clone it, or call the op inside inference mode"
+            )
+
+
 def list_device(tensors: Sequence[torch.Tensor]) -> torch.device:
     """The one device of a list of tensors (CPU for an empty list)."""
     devices = {t.device for t in tensors}
@@ -186,6 +207,91 @@ def sync(dev: torch.device) -> None:
     """Wait for the device's queued work (CUDA) so that a wall-clock reading covers it; a no-op on CPU."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+def model(value, name: str = "model") -> torch.nn.Module:
+    """A torch.nn.Module whose parameters are floating-point tensors with data (not on `meta`).
+
+    Raises:
+        TypeError: not a Module, or an integer / bool / complex parameter (integer state belongs in
+        a buffer).  ValueError: a parameter on the meta device (shapes without values).
+    """
+    module(value, name)
+    for pname, p in value.named_parameters():
+        if p.is_meta:
+            raise ValueError(
+                f"{name}: parameter {pname!r} is on the meta device (it has a shape but no values); "
+                "materialise the model first (e.g. to_empty(device=...) and load_state_dict)"
+            )
+        if not p.is_floating_point():
+            raise TypeError(
+                f"{name}: parameter {pname!r} has dtype {p.dtype}; the methods need floating-point "
+                "parameters (register integer state as a buffer)"
+            )
+    return value
+
+
+def fits_dtype(value: float, name: str, dtypes: Collection[torch.dtype]) -> float:
+    """A real number that the narrowest of `dtypes` (the parameters' dtypes) holds as a finite value,
+    so that a step scaled by it cannot overflow before it meets a gradient."""
+    limits = [torch.finfo(d).max for d in dtypes if d.is_floating_point]
+    if limits and abs(value) > min(limits):
+        dtype = min((d for d in dtypes if d.is_floating_point), key=lambda d: torch.finfo(d).max)
+        largest = torch.finfo(dtype).max
+        raise ValueError(
+            f"{name}: {value:g} overflows the parameters' dtype {dtype} (largest finite value {largest:g})"
+        )
+    return value
+
+
+def element_count(factors: Sequence[int], name: str, what: str) -> int:
+    """The product of `factors` (the sizes of a tensor to be allocated), which must fit in int64."""
+    total = math.prod(factors)
+    if total > INT64_MAX:
+        raise ValueError(f"{name}: {what} would need {total} elements, more than int64 can index")
+    return total
+
+
+def batch_name(name: str, batch: int) -> str:
+    """How error messages name batch `batch` (0-based) of the data argument `name`."""
+    return f"{name}: batch {batch} (counting from 0)"
+
+
+def labels(
+    y, name: str, *, batch: int, batch_size: int, num_classes: int | None = None, defer: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Class-index labels of one batch: an integer tensor [B] (B = `batch_size`), every value in
+    [0, num_classes) (the range is not checked when num_classes is None).  Returns (labels as int64,
+    None) when the values were checked here, or, with `defer=True`, (labels clamped into range, a
+    0-dim bool tensor that is True when every value was in range), so that the caller can check the
+    values later with one host sync instead of one per batch (clamping keeps an out-of-range index
+    from reaching a CUDA gather, which would abort the process).
+
+    Raises:
+        TypeError: not an integer tensor.  ValueError: a shape other than [B], or a value out of range.
+    """
+    where = batch_name(name, batch)
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{where}: labels must be a tensor of class indices, got {_type_name(y)}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{where}: labels must be integer class indices, got dtype {y.dtype}")
+    if y.shape != (batch_size,):
+        hint = " (squeeze the label dimension)" if y.numel() == batch_size else ""
+        raise ValueError(f"{where}: labels must have shape [B] = ({batch_size},), got {tuple(y.shape)}{hint}")
+    y = y.long()
+    if num_classes is None or y.numel() == 0:
+        return y, None
+    if not defer:
+        lo, hi = (int(v) for v in torch.aminmax(y))
+        if lo < 0 or hi >= num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"{where}: label {bad} is outside [0, {num_classes}) for a model with {num_classes} outputs"
+                + (" (ignore_index labels are not supported: drop those samples)" if bad < 0 else "")
+            )
+        return y, None
+    ok = ((y >= 0) & (y < num_classes)).all()
+    return y.clamp(0, num_classes - 1), ok
 
 
 PRECISIONS = ("float32", "bfloat16", "float16", "auto")

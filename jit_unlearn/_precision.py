@@ -175,17 +175,25 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def resolve(precision: str, model: nn.Module, *, name: str = "precision") -> Precision:
+def resolve(precision: str, model: nn.Module, *, name: str = "precision", plain: str | None = None) -> Precision:
     """Check `precision` for `model` and resolve "auto".
 
     "auto" is "bfloat16" for a float32 model on a device where `fast_bf16` holds, else "float32".
-    An explicit "bfloat16" or "float16" needs a float32 model.
+    An explicit "bfloat16" or "float16" needs a float32 model.  `plain` names a way of running
+    that keeps the model's own dtype (e.g. "mode='reference'", the published code as it is): it
+    takes only "float32" or "auto", which then means "float32".
     Raises:
-        ValueError: not one of PRECISIONS, "float16" off CUDA, or a reduced precision for a model
-        that is not float32 (all naming `name`).
+        ValueError: not one of PRECISIONS, "float16" off CUDA, a reduced precision for a model
+        that is not float32, or a reduced precision with `plain` (all naming `name`).
     """
     device = model_device(model)
     checks.precision(precision, device, name)
+    if plain is not None:
+        if precision not in ("float32", "auto"):
+            raise ValueError(
+                f"{name}: {plain} runs the model in its own dtype; got {precision!r}, pass 'float32' or 'auto'"
+            )
+        return Precision(precision, "float32", device.type)
     dtype = model_dtype(model)
     chosen = precision
     if precision == "auto":

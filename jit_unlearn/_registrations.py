@@ -13,6 +13,24 @@ from .torch_ops import opmath_dtype
 _registered = False
 
 
+def _check_one_device(*named) -> None:
+    """The fakes' device check.  A call that mixes devices (one tensor on meta, the others on CPU) reaches
+    the Meta kernel, the fake, instead of a compiled kernel's checks; it must raise as they do.
+
+    named: (name, tensor or list of tensors) pairs; the first tensor sets the device of the call."""
+    ref = ref_name = None
+    for name, value in named:
+        if isinstance(value, torch.Tensor):
+            tensors = [(name, value)]
+        else:
+            tensors = [(f"{name}[{i}]", t) for i, t in enumerate(value)]
+        for label, t in tensors:
+            if ref is None:
+                ref, ref_name = t.device, label
+            elif t.device != ref:
+                raise ValueError(f"{label}: expected device {ref} (as {ref_name}), got {t.device}")
+
+
 def _perturb_fake(x, num_samples, sigma, seed, offset, clamp):
     x_tilde = x.new_empty((num_samples, *x.shape))
     in_norm = x.new_empty((num_samples, x.shape[0]), dtype=opmath_dtype(x.dtype))
@@ -20,33 +38,40 @@ def _perturb_fake(x, num_samples, sigma, seed, offset, clamp):
 
 
 def _perturb_out_fake(x, num_samples, sigma, seed, offset, clamp, x_tilde, in_norm):
+    _check_one_device(("x", x), ("x_tilde", x_tilde), ("in_norm", in_norm))
     return None
 
 
 def _lipschitz_ratio_fake(out, out_perturbed, in_norm):
+    _check_one_device(("out", out), ("out_perturbed", out_perturbed), ("in_norm", in_norm))
     return out.new_empty(tuple(out_perturbed.shape[:2]), dtype=opmath_dtype(out.dtype))
 
 
 def _lipschitz_ratio_backward_fake(grad, out, out_perturbed, in_norm, compute_perturbed_grad):
+    _check_one_device(("out", out), ("out_perturbed", out_perturbed), ("in_norm", in_norm), ("grad", grad))
     shape = tuple(out_perturbed.shape) if compute_perturbed_grad else (0,)
     return out.new_empty(tuple(out.shape)), out_perturbed.new_empty(shape)
 
 
 def _lipschitz_ratio_and_grad_fake(grad, out, out_perturbed, in_norm):
+    _check_one_device(("out", out), ("out_perturbed", out_perturbed), ("in_norm", in_norm), ("grad", grad))
     ratio = out.new_empty(tuple(out_perturbed.shape[:2]), dtype=opmath_dtype(out.dtype))
     return ratio, out.new_empty(tuple(out.shape))
 
 
 def _accumulate_importance_fake(acc, grads, importance_mode, scale):
+    _check_one_device(("acc", acc), ("grads", grads))
     return None
 
 
 def _ssd_dampen_fake(params, imp_forget, imp_full, alpha, lam, exponent):
+    _check_one_device(("params", params), ("imp_forget", imp_forget), ("imp_full", imp_full))
     device = params[0].device if len(params) else torch.device("cpu")
     return torch.empty((len(params),), dtype=torch.int64, device=device)
 
 
 def _masked_reset_fake(params, init, masks):
+    _check_one_device(("params", params), ("init", init), ("masks", masks))
     return None
 
 

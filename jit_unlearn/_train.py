@@ -10,7 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import _checks as checks
-from ._utils import batch_input, batch_labels, model_device, module_mode, progress
+from ._safety import BatchChecks
+from ._utils import batch_input, batch_labels, check_logits, model_device, module_mode, progress
 
 _OPTIMIZERS = ("sgd", "adam")
 _SCHEDULES = ("cosine", "constant")
@@ -70,7 +71,7 @@ def train(model: nn.Module, data, recipe: Recipe, *, show_progress: bool = False
     mode while training; each module's own mode is restored afterwards.  Returns the model."""
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe: expected a Recipe, got {type(recipe).__name__}")
-    checks.module(model)
+    checks.model(model)
     if len(data) == 0:
         raise ValueError("data: the training set is empty")
     device = model_device(model)
@@ -84,6 +85,7 @@ def train(model: nn.Module, data, recipe: Recipe, *, show_progress: bool = False
     if recipe.schedule == "cosine":
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    data_checks = BatchChecks("data")
 
     def batches():
         for _ in range(recipe.epochs):
@@ -92,12 +94,14 @@ def train(model: nn.Module, data, recipe: Recipe, *, show_progress: bool = False
     with module_mode(model, True), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(recipe.seed)
         bar = progress(batches(), enabled=show_progress, desc=desc, total=steps)
-        for batch in bar:
-            x = batch_input(batch, name="data").to(device, non_blocking=True)
-            y = batch_labels(batch, name="data").to(device, non_blocking=True)
+        for i, batch in enumerate(bar):
+            x = data_checks.inputs(batch_input(batch, name="data"), i % len(loader)).to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            out = check_logits(model(x), x.shape[0])
+            y = data_checks.labels(batch_labels(batch, name="data"), i % len(loader), x.shape[0], out.shape[1])
+            loss = loss_fn(out, y.to(device, non_blocking=True))
             if not torch.isfinite(loss):
+                data_checks.verify()
                 raise FloatingPointError(f"{desc}: the training loss became {loss.item()}; lower the learning rate")
             loss.backward()
             optimizer.step()

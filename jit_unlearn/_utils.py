@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterable, Iterator
+import os
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -99,7 +100,7 @@ def batch_input(batch, *, name: str = "data") -> torch.Tensor:
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
         return batch[0]
     if isinstance(batch, dict):
-        for key in ("input", "inputs", "x", "image", "images"):
+        for key in ("input", "inputs", "x", "image", "images", "pixel_values"):
             if key in batch:
                 return batch[key]
     raise TypeError(f"{name}: cannot find the input tensor in a batch of type {type(batch).__name__}")
@@ -157,10 +158,27 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def logits_of(output):
+    """The logits in a model's output: the output itself when it is a tensor, else `output["logits"]`
+    of a mapping that has that key, else `output.logits` of an object that has that attribute (the
+    `ModelOutput` of transformers' classifiers, e.g. ViTForImageClassification, is both).  Anything
+    else is returned as it is, for `check_logits` to refuse."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        return output["logits"] if "logits" in output else output
+    logits = getattr(output, "logits", None)
+    return output if logits is None else logits
+
+
 def check_logits(out, batch_size: int, *, name: str = "model") -> torch.Tensor:
-    """The model output must be a [B, K] tensor of logits."""
+    """The logits of a model output (`logits_of`), which must be a [B, K] tensor."""
+    out = logits_of(out)
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"{name}: must return a [B, K] tensor of logits, returned {type(out).__name__}")
+        raise TypeError(
+            f"{name}: must return a [B, K] tensor of logits (or an output with a `logits` tensor, as "
+            f"transformers' classifiers do), returned {type(out).__name__}"
+        )
     if out.dim() != 2 or out.shape[0] != batch_size:
         raise ValueError(
             f"{name}: must return a [B, K] tensor of logits with B={batch_size}, returned shape {tuple(out.shape)}"
@@ -198,22 +216,18 @@ class ModelState:
 
 @contextlib.contextmanager
 def restore_on_failure(model: torch.nn.Module, state: ModelState | None = None) -> Iterator[None]:
-    """Snapshot parameters and buffers; if the body raises anything (KeyboardInterrupt included),
-    put every value back bitwise, and each module's train/eval flag, and re-raise.  Costs one copy
-    of the model's state.  `state`: the model's ModelState, when the caller has one already."""
-    state = ModelState(model) if state is None else state
-    saved = [(t, t.detach().clone()) for t in itertools.chain(state.params, state.buffers)]
-    training = [m.training for m in state.modules]
+    """Snapshot the model (`_safety.Snapshot`); if the body raises anything (KeyboardInterrupt
+    included), put back every parameter and buffer value bitwise, each parameter's `.grad`, each
+    module's train/eval flag and the grad mode, and re-raise.  Costs one copy of the model's state.
+    `state`: the model's ModelState, when the caller has one already.  A method that returns a
+    result uses `_safety.protected` instead, which leaves no window between the commit and the return."""
+    from ._safety import Snapshot
+
+    snapshot = Snapshot(model, state)
     try:
         yield
     except BaseException:
-        with torch.no_grad():
-            for t, copy in saved:
-                t.copy_(copy)
-        for p in state.params:
-            p.grad = None
-        for m, flag in zip(state.modules, training):
-            m.training = flag
+        snapshot.restore()
         raise
 
 
@@ -234,6 +248,12 @@ def module_mode(model: torch.nn.Module, training: bool | None, modules: list | N
                 m.training = flag
 
 
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`n` and `noun`, plural (`plural`, else noun + "s") unless n is 1, thousands separated:
+    "1 step", "1,200 steps"."""
+    return f"{n:,} {noun if n == 1 else plural or noun + 's'}"
+
+
 def params_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """True when no tensor holds a NaN or an inf (one host sync per tensor)."""
     return all(bool(torch.isfinite(t).all()) for t in tensors)
@@ -251,3 +271,22 @@ def progress(iterable, *, enabled: bool, desc: str, total: int | None = None, le
         except TypeError:
             total = None
     return tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True)
+
+
+def load_tensors_file(path, map_location, *, what: str):
+    """`torch.load(path, map_location=..., weights_only=True)`, with a ValueError naming the path when
+    the file is not one (truncated, corrupt, random bytes, or a pickle holding objects other than
+    tensors and plain data, which weights_only loading refuses).  A missing file raises
+    FileNotFoundError as usual.  `what`: what the file should be ("importances", "mask")."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except Exception as exc:  # torch's unpickler raises many kinds on random bytes (KeyError, EOFError, ...)
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError):
+            first = "it holds objects that a weights_only load refuses, or is corrupt"
+        raise ValueError(f"path: {os.fspath(path)!r} is not a readable {what} file ({first})") from None

@@ -3,7 +3,8 @@ device (the compiled op or its pure-PyTorch twin in `torch_ops`).
 
 Every function here accepts float32 and float64 tensors, and half / bfloat16 tensors with float32
 arithmetic inside; non-contiguous inputs are handled (made contiguous); empty tensors are fine.
-Bad shapes, dtypes, devices or values raise ValueError / TypeError naming the argument.
+Bad shapes, dtypes, devices or values raise ValueError / TypeError naming the argument, before
+anything is written; so does an in-place target with overlapping elements (an expanded tensor).
 Other tools may also call the compiled ops directly as ``torch.ops.jit_unlearn.<name>``.
 """
 
@@ -15,7 +16,7 @@ import torch
 
 from . import _backend
 from . import _checks as checks
-from .torch_ops import opmath_dtype
+from .torch_ops import check_no_overlap, opmath_dtype
 
 __all__ = [
     "perturb",
@@ -49,6 +50,9 @@ def perturb(
     num_samples = checks.int64(num_samples, "num_samples")
     if num_samples < 0:
         raise ValueError(f"num_samples: must be >= 0, got {num_samples}")
+    checks.element_count(
+        (num_samples, *x.shape), "num_samples", f"{num_samples} perturbed copies of x {tuple(x.shape)}"
+    )
     sigma = checks.real(sigma, "sigma", low=0.0)
     seed = checks.seed64(seed, "seed")
     offset = checks.seed64(offset, "offset")
@@ -118,17 +122,32 @@ def lipschitz_ratio_backward(
 
 
 def _dense(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+    dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+    # element-aligned too (the kernels refuse to write foreign memory at an odd address)
+    return dense and (
+        torch.compiler.is_compiling()
+        or t.device.type == "meta"
+        or t.numel() == 0
+        or t.data_ptr() % t.element_size() == 0
+    )
+
+
+def _overlap_operands(lists, names):
+    """(tensor, "name[i]", written) triples for torch_ops.check_no_overlap; the first list is written."""
+    return [(t, f"{name}[{i}]", k == 0) for k, (lst, name) in enumerate(zip(lists, names)) for i, t in enumerate(lst)]
 
 
 def _run_inplace(targets: Sequence[torch.Tensor], run):
-    """Call run(list) on in-place targets; strided views (which the kernels reject) go through a
-    dense temporary that is copied back, so every tier accepts the same inputs."""
-    work = [t if _dense(t) else t.contiguous() for t in targets]
+    """Call run(list) on in-place targets (checked `writable` by the caller); strided or misaligned
+    views (which the kernels reject) go through a dense temporary that is copied back without
+    autograd (as the kernels write a parameter that requires grad), so every tier accepts the same
+    inputs and no copy fails after another target was written."""
+    work = [t if _dense(t) else t.clone(memory_format=torch.contiguous_format) for t in targets]
     result = run(work)
-    for t, w in zip(targets, work):
-        if w is not t:
-            t.copy_(w)
+    with torch.no_grad():
+        for t, w in zip(targets, work):
+            if w is not t:
+                t.copy_(w)
     return result
 
 
@@ -142,8 +161,10 @@ def accumulate_importance_(
     checks.tensor_lists([acc, grads], ["acc", "grads"], floating=["grads"])
     checks.choice(mode, "mode", ("square", "abs"))
     scale = checks.real(scale, "scale")
+    checks.writable(acc, "acc")
     if not acc:
         return
+    check_no_overlap("accumulate_importance_", _overlap_operands([acc, grads], ["acc", "grads"]))
     accumulate = _backend.kernel("accumulate_importance_", checks.list_device(acc))
     _run_inplace(acc, lambda a: accumulate(a, list(grads), mode, scale))
 
@@ -164,6 +185,8 @@ def ssd_dampen_(
         alpha: selection threshold, finite and >= 0.  lam: >= 0.  exponent: finite.
     Returns:
         int64 [T] tensor of selected-element counts per parameter, on the parameters' device.
+    Importances must be >= 0 (a negative or NaN one raises ValueError before anything is written), and
+    no parameter may share memory with another operand.
     """
     checks.tensor_lists(
         [params, imp_forget, imp_full], ["params", "imp_forget", "imp_full"], floating=["imp_forget", "imp_full"]
@@ -171,8 +194,12 @@ def ssd_dampen_(
     alpha = checks.real(alpha, "alpha", low=0.0)
     lam = checks.real(lam, "lam", low=0.0)
     exponent = checks.real(exponent, "exponent")
+    checks.writable(params, "params")
     if not params:
         return torch.zeros(0, dtype=torch.int64)
+    check_no_overlap(
+        "ssd_dampen_", _overlap_operands([params, imp_forget, imp_full], ["params", "imp_forget", "imp_full"])
+    )
     dampen = _backend.kernel("ssd_dampen_", checks.list_device(params))
     return _run_inplace(params, lambda p: dampen(p, list(imp_forget), list(imp_full), alpha, lam, exponent))
 
@@ -185,7 +212,9 @@ def masked_reset_(params: Sequence[torch.Tensor], init: Sequence[torch.Tensor], 
     for i, m in enumerate(masks):
         if m.dtype != torch.bool:
             raise TypeError(f"masks[{i}]: expected a torch.bool tensor, got {m.dtype}")
+    checks.writable(params, "params")
     if not params:
         return
+    check_no_overlap("masked_reset_", _overlap_operands([params, init, masks], ["params", "init", "masks"]))
     reset = _backend.kernel("masked_reset_", checks.list_device(params))
     _run_inplace(params, lambda p: reset(p, list(init), list(masks)))

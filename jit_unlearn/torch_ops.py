@@ -34,6 +34,63 @@ _SIN_C = (-1.66666672e-01, 8.33333377e-03, -1.98412701e-04, 2.75573188e-06, -2.5
 _COS_C = (-5.00000000e-01, 4.16666679e-02, -1.38888892e-03, 2.48015876e-05, -2.75573188e-07, 2.08767570e-09)
 
 
+# The four floating dtypes every op computes in (csrc/common/operand_checks.h); is_floating_point() also
+# admits the float8 types, which no kernel supports.
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def check_no_overlap(op: str, operands) -> None:
+    """Raise ValueError when an operand the op writes shares memory with another operand of the call.
+
+    The rule and the message of the kernels' OverlapCheck (csrc/common/operand_checks.h): byte extents
+    of the non-empty operands (a strided view counts as its whole hull), sorted by first byte; the first
+    written/any pair that intersects is reported, named in argument order.  Skipped while torch.compile
+    traces (fake tensors have no memory); meta tensors have none either.
+
+    Args:
+        op: the op's name, for the message.
+        operands: (tensor, name, written) triples in argument order, e.g. (p, "params[0]", True).
+    """
+    if torch.compiler.is_compiling():
+        return
+    entries = []
+    for order, (t, name, written) in enumerate(operands):
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        begin = t.data_ptr()
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        entries.append((begin, order, begin + (last + 1) * t.element_size(), t, name, written))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    active = []
+    for e in entries:
+        active = [a for a in active if a[2] > e[0]]
+        for a in active:
+            if a[5] or e[5]:
+                first, second = (a, e) if a[1] < e[1] else (e, a)
+                ta, tb = first[3], second[3]
+                # at::get_overlap_status's "Full": one storage, dense, same extent and strides
+                same = (
+                    first[0] == second[0]
+                    and first[2] == second[2]
+                    and ta.stride() == tb.stride()
+                    and ta.untyped_storage().data_ptr() == tb.untyped_storage().data_ptr()
+                    and _dense_memory(ta)
+                    and _dense_memory(tb)
+                )
+                raise ValueError(
+                    f"{op}: {first[4]} and {second[4]} "
+                    f"{'are the same memory' if same else 'share memory'}; an operand the op "
+                    "writes must not overlap any other operand of the call"
+                )
+        active.append(e)
+
+
+def _dense_memory(t: torch.Tensor) -> bool:
+    from torch._prims_common import is_non_overlapping_and_dense_or_false
+
+    return is_non_overlapping_and_dense_or_false(t)
+
+
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     """The arithmetic dtype of an op: float64 stays float64, everything else computes in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -181,7 +238,9 @@ def perturb_out(
     x_tilde: torch.Tensor,
     in_norm: torch.Tensor,
 ) -> None:
-    """`perturb` written into the caller's x_tilde [N, *x.shape] and in_norm [N, B]."""
+    """`perturb` written into the caller's x_tilde [N, *x.shape] and in_norm [N, B], which must share
+    no memory with x or with each other (ValueError, as the kernels)."""
+    check_no_overlap("_perturb_out", [(x, "x", False), (x_tilde, "x_tilde", True), (in_norm, "in_norm", True)])
     got_x, got_norm = perturb(x, num_samples, sigma, seed, offset, clamp)
     x_tilde.copy_(got_x)
     in_norm.copy_(got_norm)
@@ -250,7 +309,8 @@ def accumulate_importance_(acc: list[torch.Tensor], grads: list[torch.Tensor], m
         term = go * go if mode == "square" else go.abs()
         if scale != 1.0:
             term = torch.tensor(scale, dtype=op, device=a.device) * term
-        a.copy_((a.to(op) + term).to(a.dtype))
+        with torch.no_grad():  # an in-place op writes as the compiled one does, whatever the grad mode
+            a.copy_((a.to(op) + term).to(a.dtype))
 
 
 def ssd_dampen_(
@@ -263,7 +323,9 @@ def ssd_dampen_(
 ) -> torch.Tensor:
     """SSD dampening (docs/METHODS.md §2), per element in the opmath dtype:
     selected = I_f > alpha * I_D; theta *= min(((lam * I_D) / I_f) ** exponent, 1) where selected.
-    Returns the selected count per tensor (int64 [T], on the parameters' device)."""
+    Returns the selected count per tensor (int64 [T], on the parameters' device).  A negative or NaN
+    importance raises ValueError before any parameter is written, as in the kernels."""
+    _check_importances(imp_forget, imp_full)
     counts = []
     for p, f, d in zip(params, imp_forget, imp_full):
         op = opmath_dtype(p.dtype)
@@ -277,7 +339,8 @@ def ssd_dampen_(
         # min(w, 1) written so that a NaN factor (only I_f = inf with lam * I_D = inf) keeps theta.
         w = torch.where(w <= 1, w, torch.ones_like(w))
         new = torch.where(selected, p.to(op) * w, p.to(op))
-        p.copy_(new.to(p.dtype))
+        with torch.no_grad():
+            p.copy_(new.to(p.dtype))
         counts.append(selected.sum())
     device = params[0].device if params else torch.device("cpu")
     if not counts:
@@ -285,7 +348,25 @@ def ssd_dampen_(
     return torch.stack(counts).to(torch.int64)
 
 
+def _check_importances(imp_forget: list[torch.Tensor], imp_full: list[torch.Tensor]) -> None:
+    """ValueError naming the first importance (imp_forget[i] before imp_full[i]) holding a value that is
+    not >= 0; one host sync for all tensors.  Skipped while torch.compile traces."""
+    if torch.compiler.is_compiling() or not imp_forget or imp_forget[0].device.type == "meta":
+        return
+    invalid = [~(t >= 0).all() for pair in zip(imp_forget, imp_full) for t in pair]
+    if not bool(torch.stack(invalid).any()):
+        return
+    for k, bad in enumerate(invalid):
+        if bool(bad):
+            name = "imp_forget" if k % 2 == 0 else "imp_full"
+            raise ValueError(
+                f"ssd_dampen_: {name}[{k // 2}]: holds a negative or NaN value; importances must "
+                "be >= 0 (a negative one would flip the parameter's sign)"
+            )
+
+
 def masked_reset_(params: list[torch.Tensor], init: list[torch.Tensor], masks: list[torch.Tensor]) -> None:
     """params[i] = where(masks[i], init[i], params[i])."""
     for p, i, m in zip(params, init, masks):
-        p.copy_(torch.where(m, i.to(p.dtype), p))
+        with torch.no_grad():
+            p.copy_(torch.where(m, i.to(p.dtype), p))

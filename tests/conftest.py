@@ -12,6 +12,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
+def expected_tier(device_type: str) -> str:
+    """The tier the public ops must run on `device_type` in this process, worked out from the build
+    and the environment: "torch" under JIT_UNLEARN_BACKEND=torch or without compiled kernels for the
+    device, else the device type ("cpu" or "cuda")."""
+    from jit_unlearn import _backend
+
+    forced_torch = os.environ.get("JIT_UNLEARN_BACKEND", "").strip().lower() == "torch"
+    return "torch" if forced_torch or not _backend.has_kernel(device_type) else device_type
+
+
 def subprocess_env(root: str = ROOT, **extra: str) -> dict:
     """The environment of a child interpreter that imports jit_unlearn from `root` (this checkout by
     default): `root` first on PYTHONPATH, plus the `extra` variables."""
@@ -19,6 +29,14 @@ def subprocess_env(root: str = ROOT, **extra: str) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     env.update(extra)
     return env
+
+
+def pytest_collection_modifyitems(items):
+    """Mark `cuda` (select with `-m cuda`) every test whose name or skip reason mentions CUDA."""
+    for item in items:
+        reasons = " ".join(str(m.kwargs.get("reason", "")) for m in item.iter_markers("skipif"))
+        if "cuda" in f"{item.name} {reasons}".lower():
+            item.add_marker(pytest.mark.cuda)
 
 
 @pytest.fixture(params=["compiled", "torch"])

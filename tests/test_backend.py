@@ -12,7 +12,7 @@ import torch
 
 import jit_unlearn
 from conftest import ROOT, subprocess_env
-from jit_unlearn import _backend
+from jit_unlearn import _backend, torch_ops
 
 OPS = (
     "perturb",
@@ -49,12 +49,31 @@ def pure_package(tmp_path):
     return str(tmp_path)
 
 
+def _requested_by_environment() -> str:
+    value = os.environ.get("JIT_UNLEARN_BACKEND", "auto").strip().lower() or "auto"
+    return value if value in ("auto", "compiled", "torch") else "auto"
+
+
 def test_backend_info_reports_tiers():
+    """What backend_info says follows from the build and JIT_UNLEARN_BACKEND (this process may run
+    under =torch: the suite's second pass), and the ops run the tier it names."""
     info = jit_unlearn.backend_info()
     assert set(info) >= {"extension_loaded", "compiled_cpu", "compiled_cuda", "cuda_available", "requested", "active"}
-    assert info["active"]["cpu"] == ("cpu" if info["compiled_cpu"] else "torch")
+    assert info["requested"] == _requested_by_environment()
+    want = "torch" if info["requested"] == "torch" or not info["compiled_cpu"] else "cpu"
+    assert info["active"]["cpu"] == want
     if not torch.cuda.is_available():
         assert info["active"]["cuda"] is None
+    # the tier named is the one that runs: the compiled op, or the pure-PyTorch function
+    want_fn = _backend._COMPILED["perturb"] if want == "cpu" else torch_ops.perturb
+    assert _backend.kernel("perturb", torch.device("cpu")) is want_fn
+
+
+def test_auto_tier_in_a_fresh_process():
+    """Without JIT_UNLEARN_BACKEND a fresh interpreter runs the compiled CPU kernels when they are built."""
+    res = _run('import jit_unlearn; i = jit_unlearn.backend_info(); print(i["requested"], i["active"]["cpu"])')
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["auto", "cpu" if _backend.has_kernel("cpu") else "torch"]
 
 
 def test_force_backend_torch_and_back():
@@ -107,15 +126,41 @@ def test_package_works_without_extension(pure_package):
     assert res.stdout.strip() == "[4.0, 4.0, 4.0, 4.0] [2] [0.0, 1.0, 0.0] True"
 
 
-def test_compiled_request_without_kernel_is_actionable():
-    if _backend.has_kernel("cpu"):
-        pytest.skip("compiled CPU kernels are present")
+def test_compiled_request_without_kernel_is_actionable(monkeypatch):
+    """force_backend("compiled") where no compiled kernel exists raises an error that says what to do:
+    on `meta` (no build has kernels there) and on a CPU whose kernels are missing (faked)."""
+    message = r"compiled backend was requested but no compiled kernel exists for device '{}'.*Rebuild"
     jit_unlearn.force_backend("compiled")
     try:
-        with pytest.raises(RuntimeError, match="compiled"):
-            jit_unlearn.ops.perturb(torch.ones(1, 1), 1, 0.1)
+        with pytest.raises(RuntimeError, match=message.format("meta")):
+            jit_unlearn.ops.perturb(torch.ones(2, 3, device="meta"), 1, 0.1)
+        with pytest.raises(RuntimeError, match=message.format("meta")):
+            jit_unlearn.ops.accumulate_importance_([torch.zeros(3, device="meta")], [torch.ones(3, device="meta")])
+        monkeypatch.setitem(_backend._HAS_KERNEL, "cpu", False)
+        with pytest.raises(RuntimeError, match=message.format("cpu")):
+            jit_unlearn.ops.perturb(torch.ones(2, 3), 1, 0.1)
+        with pytest.raises(RuntimeError, match=message.format("cpu")):
+            jit_unlearn.jit(torch.nn.Linear(3, 2), torch.ones(4, 3), sigma=0.1, lr=0.1, progress=False)
+        assert jit_unlearn.backend_info()["active"]["cpu"] == "unavailable"
     finally:
         jit_unlearn.force_backend(None)
+
+
+def test_compiled_request_without_library_names_the_cause(pure_package):
+    """JIT_UNLEARN_BACKEND=compiled in a package without its library: the error says no library loaded."""
+    res = _run(
+        """
+        import torch, jit_unlearn
+        try:
+            jit_unlearn.ops.perturb(torch.ones(2, 3), 1, 0.1)
+        except RuntimeError as exc:
+            print(exc)
+        """,
+        {"JIT_UNLEARN_BACKEND": "compiled"},
+        root=pure_package,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "no compiled kernel exists for device 'cpu' (no library loaded: no compiled library" in res.stdout
 
 
 @pytest.mark.skipif(os.environ.get("FORCE_CUDA") != "1", reason="CUDA sources were not requested")

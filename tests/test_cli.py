@@ -1,6 +1,13 @@
-"""The `jit-unlearn` command: `run CONFIG` end to end, config errors, and `demo --fast`, as subprocesses."""
+"""The `jit-unlearn` command: `run CONFIG` end to end, config errors, and `demo --fast`, as subprocesses.
 
+The runs must show that unlearning happened: every method's row moves the forget accuracy toward the
+retrain row, the model each method hands to the evaluation differs from the original, and each
+method's configured parameters reach it (other parameters give another row).  A CLI whose methods
+change nothing fails these tests."""
+
+import copy
 import functools
+import importlib
 import json
 import subprocess
 import sys
@@ -8,8 +15,11 @@ import sys
 import pytest
 import torch
 
+import jit_unlearn.eval
 from conftest import subprocess_env
 from jit_unlearn import cli, models
+from jit_unlearn.cli.config import METHODS
+from jit_unlearn.cli.methods import StandIn
 
 COLUMNS = ("method", "seconds", "forget acc", "retain acc", "test acc", "entropy MIA", "loss MIA")
 
@@ -31,19 +41,34 @@ def _cli(*args, cwd=None):
     )
 
 
+# Settings under which every method forgets class 0 of digits (measured forget accuracy: original
+# 0.99, JiT 0.67, SSD 0.20, LF-SSD 0.0, ASSD 0.24, DEL 0.0; retrain 0.0) ...
+METHODS_A = [
+    {"name": "jit", "sigma": 1.0, "lr": 3e-3, "num_samples": 3, "batch_size": 64},
+    {"name": "ssd", "alpha": 2.0, "batch_size": 64},
+    {"name": "lf_ssd", "alpha": 5.0, "batch_size": 64, "label": "LF-SSD a5"},
+    {"name": "assd", "batch_size": 64},
+    {"name": "del", "epochs": 1, "lr": 0.05},
+]
+# ... and the same methods with one parameter changed each (JiT 0.47, SSD 0.08, LF-SSD 0.0 with retain
+# accuracy 0.67 instead of 0.96, ASSD 0.01, DEL 0.0 with retain accuracy 0.91 instead of 0.82).
+METHODS_B = [
+    {**METHODS_A[0], "sigma": 0.5},
+    {**METHODS_A[1], "alpha": 1.0},
+    {**METHODS_A[2], "alpha": 3.0, "label": "LF-SSD a3"},
+    {**METHODS_A[3], "batch_size": 32},
+    {**METHODS_A[4], "budget": 0.1},
+]
+METRICS = ("forget_acc", "retain_acc", "test_acc", "test_acc_remaining", "entropy_mia", "loss_mia")
+
+
 def _tiny_config(**changes):
     cfg = {
         "dataset": {"name": "digits"},
         "model": {"name": "mlp", "kwargs": {"in_features": 64, "hidden": [32], "num_classes": 10}},
         "train": {"epochs": 8, "lr": 0.05, "batch_size": 32},
         "scenario": {"kind": "full_class", "class": 0},
-        "methods": [
-            {"name": "jit", "sigma": 1.0, "lr": 1e-3, "num_samples": 3, "batch_size": 64},
-            {"name": "ssd", "alpha": 5.0, "batch_size": 64},
-            {"name": "lf_ssd", "alpha": 5.0, "batch_size": 64, "label": "LF-SSD a5"},
-            {"name": "assd", "batch_size": 64},
-            {"name": "del", "epochs": 1, "lr": 0.05},
-        ],
+        "methods": [dict(m) for m in METHODS_A],
         "seed": 0,
     }
     for key, value in changes.items():
@@ -63,25 +88,47 @@ def _check_rows(results, names):
     rows = results["rows"]
     assert [r["method"] for r in rows] == list(names)
     for r in rows:
-        for key in ("forget_acc", "retain_acc", "test_acc", "test_acc_remaining", "entropy_mia", "loss_mia"):
+        for key in METRICS:
             assert 0.0 <= r[key] <= 1.0, (r["method"], key)
         assert r["eval_seconds"] > 0
 
 
-def test_run_json_config_subprocess(tmp_path):
-    path = tmp_path / "cfg.json"
+def _assert_forgot(rows, retrain_forget_acc, margin=0.2):
+    """Every method row moved the forget accuracy from the original's toward the retrained model's by
+    at least `margin`."""
+    original = next(r for r in rows if r["method"] == "original")["forget_acc"]
+    assert original - retrain_forget_acc > 2 * margin  # there is something to forget
+    for r in rows:
+        if r.get("kind") == "method":
+            gap_before, gap_after = abs(original - retrain_forget_acc), abs(r["forget_acc"] - retrain_forget_acc)
+            assert gap_after <= gap_before - margin, (r["method"], r["forget_acc"], original, retrain_forget_acc)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """`run` of _tiny_config() as a subprocess: (process, output folder, results)."""
+    folder = tmp_path_factory.mktemp("tiny_run")
+    path = folder / "cfg.json"
     path.write_text(json.dumps(_tiny_config()))
-    out = tmp_path / "out"
+    out = folder / "out"
     proc = _cli("run", str(path), "--out", str(out), "--quiet", "--device", "cpu")
+    results = json.loads((out / "results.json").read_text()) if proc.returncode == 0 else None
+    return proc, out, results
+
+
+def test_run_json_config_subprocess(tiny_run):
+    proc, out, results = tiny_run
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # --quiet: no bars, no step messages
     header = proc.stdout.splitlines()[0]
     assert all(c in header for c in COLUMNS)
-    results = json.loads((out / "results.json").read_text())
     _check_rows(results, ["original", "retrain", "JiT", "SSD", "LF-SSD a5", "ASSD", "DEL"])
     assert results["scenario"]["forget"] + results["scenario"]["retain"] + results["scenario"]["test"] == 1797
     rows = {r["method"]: r for r in results["rows"]}
     assert rows["original"]["forget_acc"] > 0.9 and rows["retrain"]["forget_acc"] == 0.0
+    _assert_forgot(results["rows"], rows["retrain"]["forget_acc"])
+    for spec, r in zip(METHODS_A, results["rows"][2:]):  # the configured parameters are recorded
+        assert r["params"] == {k: v for k, v in spec.items() if k not in ("name", "label")}
     assert all(rows[m]["seconds"] > 0 for m in rows)
     assert (out / "results.png").stat().st_size > 0 and (out / "original.pt").is_file()
     # the trained original is a weights_only checkpoint of the configured model
@@ -161,6 +208,48 @@ def test_run_sub_class(tmp_path):
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     _check_rows(results, ["original", "LF-SSD"])
     assert results["scenario"]["forgotten_classes"] == [7]
+
+
+def test_methods_change_the_model_and_take_their_parameters(tiny_run, tmp_path, monkeypatch):
+    """The original of tiny_run, loaded from its checkpoint, unlearned in process with one parameter of
+    every method changed: each method gets exactly its configured parameters, the model it hands to
+    the evaluation differs from the original, it forgets, and its row differs from tiny_run's."""
+    proc, out, first = tiny_run
+    assert proc.returncode == 0, proc.stderr
+    evaluated, calls = [], {}
+    real_evaluate = jit_unlearn.eval.evaluate
+
+    def recording_evaluate(model, *args, **kwargs):
+        evaluated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(jit_unlearn.eval, "evaluate", recording_evaluate)
+    for name, (module, attr, _) in METHODS.items():
+        real = getattr(importlib.import_module(module), attr)
+
+        @functools.wraps(real)
+        def spy(*args, _real=real, _name=name, **kwargs):
+            if not isinstance(args[1], StandIn):  # not the dry validation before training
+                calls.setdefault(_name, []).append(kwargs)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(importlib.import_module(module), attr, spy)
+    cfg = _tiny_config(methods=copy.deepcopy(METHODS_B), retrain=False)
+    cfg["model"]["checkpoint"] = str(out / "original.pt")
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 0
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    rows, before = results["rows"], first["rows"]
+    assert [r["method"] for r in rows] == ["original", "JiT", "SSD", "LF-SSD a3", "ASSD", "DEL"]
+    assert [rows[0][k] for k in METRICS] == [before[0][k] for k in METRICS]  # the same original
+    assert len(evaluated) == 6
+    for spec, row, state, old in zip(METHODS_B, rows[1:], evaluated[1:], before[2:]):
+        given = {k: v for k, v in spec.items() if k not in ("name", "label")}
+        assert len(calls[spec["name"]]) == 1 and calls[spec["name"]][0].items() >= given.items(), spec
+        assert any(not torch.equal(state[k], evaluated[0][k]) for k in state), spec["name"]
+        assert [row[k] for k in METRICS] != [old[k] for k in METRICS], spec["name"]
+    _assert_forgot(rows, before[1]["forget_acc"])
 
 
 _BAD = [
@@ -250,6 +339,8 @@ def test_demo_fast_subprocess(tmp_path):
     assert all(c in lines[0] for c in COLUMNS) and len(lines) == 2 + 7
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     _check_rows(results, ["original", "retrain", "JiT", "SSD", "LF-SSD", "ASSD", "DEL"])
+    # measured with seed 1: original 0.92, retrain 0.0, JiT 0.68, SSD/LF-SSD/ASSD 0.0, DEL 0.17
+    _assert_forgot(results["rows"], results["rows"][1]["forget_acc"])
     assert results["seed"] == 1 and results["scenario"]["forgotten_classes"] == [3]
     assert results["precision"] == "auto"  # the demo runs precision="auto" and says what it chose
     chosen = "bfloat16" if results["environment"]["backend"]["fast_bf16"]["cpu"] else "float32"

@@ -2,36 +2,29 @@
 the reset, argument checks, and real forgetting on bundled MNIST."""
 
 import math
+import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn as ju
+from bitwise import assert_bitwise_equal, state_bits
+from del_nets import ConvNet, with_bn_statistics
+from interrupts import InterruptingBatches
 from jit_unlearn.data import digits, mnist
 from jit_unlearn.models import MLP
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class TinyConvNet(nn.Module):
+class TinyConvNet(ConvNet):
     """4 channels (< 10, so h = max(1, 0) = 1), then 24 channels (h = 2), then a 10-way head."""
 
     def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 24, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(24)
-        self.fc = nn.Linear(24, 10)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean(dim=(2, 3)))
+        super().__init__(4, 24)
 
 
 # h per [C_out, -1] parameter, worked out by hand from h = max(1, int(f * C_out)), capped at the row
@@ -45,14 +38,7 @@ HAND_H = {
 
 def make_net(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
-    net = TinyConvNet().to(dtype)
-    with torch.no_grad():  # non-trivial BN statistics and affine parameters
-        for bn in (net.bn1, net.bn2):
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.2, 0.2)
-            bn.running_mean.uniform_(-0.1, 0.1)
-            bn.running_var.uniform_(0.5, 1.5)
-    return net
+    return with_bn_statistics(TinyConvNet().to(dtype))
 
 
 def digit_images(n, offset=0, dtype=torch.float32):
@@ -62,18 +48,6 @@ def digit_images(n, offset=0, dtype=torch.float32):
 
 def batches_of(x, y, size):
     return DataLoader(TensorDataset(x, y), batch_size=size)
-
-
-def state_bits(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_bitwise_equal(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(
-            a[k].view(-1).view(torch.uint8), b[k].view(-1).view(torch.uint8)
-        ), k
 
 
 def reference_scores(model, batches, criterion, granularity, h_table):
@@ -353,7 +327,9 @@ def test_reset_takes_values_from_state_dict():
         progress=False,
     )
     init = dict(fresh.named_parameters())
-    assert report.masked == int(0.3 * report.total) and report.steps == 0 and report.head == "fc"
+    total = sum(p.numel() for p in net.parameters())
+    assert (report.total, report.masked, report.mask.count()) == (total, int(0.3 * total), int(0.3 * total))
+    assert report.steps == 0 and report.head == "fc"
     for n, p in net.named_parameters():
         m = report.mask[n]
         assert torch.equal(p.detach()[m], init[n].detach()[m]), n
@@ -401,9 +377,49 @@ def test_del_fine_tune_keeps_unmasked_entries_except_head():
         weight_decay=5e-4,
         progress=False,
     )
-    assert report.steps == 4 and report.seconds >= report.seconds_finetune >= 0
+    assert report.steps == 2 * math.ceil(128 / 64)
     head_free = ju.Mask({n: (m if not n.startswith("fc.") else torch.ones_like(m)) for n, m in report.mask.items()})
     assert unmasked_bits_equal(head_free, before, net)
+
+
+class _Slow:
+    """(x, y) batches of `size`, each handed out after `delay` seconds."""
+
+    def __init__(self, x, y, size, delay):
+        self.batches, self.delay = list(zip(x.split(size), y.split(size))), delay
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            time.sleep(self.delay)
+            yield batch
+
+
+def test_report_times_each_phase(monkeypatch):
+    # known delays in each phase: localization reads 2 batches and fine-tuning 2 epochs of 2, at
+    # 0.02 s each; the reset waits 0.1 s.  Each phase's time covers its delay, their sum lies within
+    # the caller's own clock.
+    net = make_net()
+    xf, yf = digit_images(40)
+    xr, yr = digit_images(128, offset=40)
+    real = ju.ops.masked_reset_
+
+    def slow_reset(*args):
+        time.sleep(0.1)
+        return real(*args)
+
+    monkeypatch.setattr(ju.ops, "masked_reset_", slow_reset)
+    start = time.perf_counter()
+    report = ju.del_unlearn(
+        net, _Slow(xf, yf, 20, 0.02), _Slow(xr, yr, 64, 0.02), init=TinyConvNet, epochs=2, progress=False
+    )
+    elapsed = time.perf_counter() - start
+    assert report.seconds_localize >= 2 * 0.02
+    assert report.seconds_reset >= 0.1
+    assert report.seconds_finetune >= 4 * 0.02
+    assert 2 * 0.02 + 0.1 + 4 * 0.02 <= report.seconds <= elapsed
 
 
 # ---------------------------------------------------------------- bad input
@@ -489,22 +505,6 @@ def test_masked_finetune_bad_arguments():
     assert_bitwise_equal(before, state_bits(net))
 
 
-class _Interrupting:
-    """A retain source that stops with KeyboardInterrupt on its fifth batch."""
-
-    def __init__(self, batches):
-        self.batches = batches
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        for i, b in enumerate(self.batches * 3):
-            if i == 4:
-                raise KeyboardInterrupt
-            yield b
-
-
 def test_failure_mid_run_restores_model():
     net = make_net()
     net.eval()
@@ -515,7 +515,7 @@ def test_failure_mid_run_restores_model():
         ju.del_unlearn(
             net,
             TensorDataset(xf, yf),
-            _Interrupting(list(batches_of(xr, yr, 32))),
+            InterruptingBatches(list(batches_of(xr, yr, 32)), at=4),
             init=TinyConvNet,
             epochs=3,
             progress=False,

@@ -1,6 +1,9 @@
 """Tests for jit_unlearn.importances: hand-computed values, the published batch semantics, per-sample
 gradients against a per-sample backward loop, and the on-disk cache."""
 
+import copy
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn as ju
 import published
-from jit_unlearn.importance import Importances, importances, model_fingerprint
+from jit_unlearn.importance import Importances, importances, model_fingerprint, weights_digest
 from jit_unlearn.models import MLP, SmallCNN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -267,6 +270,7 @@ def test_save_load_round_trip(tmp_path, suffix):
         assert torch.equal(back[n], imp[n])
     assert (back.kind, back.per_sample, back.num_samples, back.num_batches) == ("fisher", False, 12, 3)
     assert back.fingerprint == imp.fingerprint == model_fingerprint(model)
+    assert back.weights == imp.weights == weights_digest(model)
     assert not back.invalid
 
 
@@ -280,6 +284,52 @@ def test_load_refuses_another_model(tmp_path, suffix):
         Importances.load(path, MLP(8, (7,), 3))
     with pytest.raises(ValueError, match=r"missing parameters \['5\.weight', '5\.bias'\]"):
         Importances.load(path, MLP(8, (6, 6), 3))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_load_refuses_other_weights(tmp_path, suffix):
+    """A cache from another training run of the same architecture (same names and shapes) is refused:
+    the file records a digest of the parameter values the importances were computed on."""
+    model, imp = _small_imp()
+    path = tmp_path / f"imp{suffix}"
+    imp.save(path)
+    message = r"path: .* holds importances computed on other weights than the model's"
+    torch.manual_seed(5)
+    with pytest.raises(ValueError, match=message):
+        Importances.load(path, MLP(8, (6,), 3))  # another initialisation
+    nudged = copy.deepcopy(model)
+    with torch.no_grad():  # one element one ulp away
+        w = nudged[1].weight
+        w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf")))
+    with pytest.raises(ValueError, match=message):
+        Importances.load(path, nudged)
+    # the same weights in another module object pass; check_weights=False accepts the changed model
+    assert Importances.load(path, copy.deepcopy(model)).weights == imp.weights
+    back = Importances.load(path, nudged, check_weights=False)
+    assert all(torch.equal(back[n], imp[n]) for n in imp)
+    with pytest.raises(ValueError, match="cache: computed on other weights"):
+        imp.check_weights(nudged, name="cache")
+    Importances(dict(imp), kind="fisher").check_weights(nudged)  # no digest recorded: nothing to compare
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_load_refuses_format_version_1(tmp_path, suffix):
+    """Files written before the weights digest existed are refused with a request to recompute them."""
+    model, imp = _small_imp()
+    path = tmp_path / f"old{suffix}"
+    tensors = {n: t.contiguous() for n, t in imp.items()}
+    meta = {"kind": "fisher", "per_sample": False, "num_samples": 12, "num_batches": 3}
+    if suffix == ".pt":
+        blob = {"format": "jit_unlearn.importances", "version": 1, **meta, "fingerprint": imp.fingerprint}
+        torch.save({**blob, "tensors": tensors}, path)
+    else:
+        from safetensors.torch import save_file
+
+        header = {k: str(int(v) if isinstance(v, bool) else v) for k, v in meta.items()}
+        header.update(format="jit_unlearn.importances", version="1", fingerprint=imp.fingerprint)
+        save_file(tensors, path, metadata={**header, "names": json.dumps(list(tensors))})
+    with pytest.raises(ValueError, match="format version 1, which records no digest .* recompute the importances"):
+        Importances.load(path, model)
 
 
 def test_load_rejects_foreign_files(tmp_path):

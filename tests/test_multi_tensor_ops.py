@@ -2,12 +2,14 @@
 jit_unlearn.torch_ops and hand-computed values, opcheck, torch.compile, argument errors."""
 
 import math
+import os
 
 import pytest
 import torch
 
+import jit_unlearn
 import jit_unlearn.ops as ops
-from conftest import requires_cuda
+from conftest import expected_tier, requires_cuda
 from jit_unlearn import _backend, torch_ops
 
 
@@ -108,43 +110,49 @@ def test_ssd_dampen_exponent_close_to_torch_ops(dtype, exponent):
         torch.testing.assert_close(a, b)
 
 
-def test_ssd_dampen_hand_computed():
+@pytest.mark.parametrize("fn_name", ["ops", "torch_ops", "torch.ops"])
+def test_ssd_dampen_hand_computed(backend, fn_name):
     # alpha = 2: element 0: 1 > 1 is a tie (unselected); 1: 2 > 0.2 -> w = 0.1/2; 2: 3 > 2 -> w = 1/3;
     # 3: 0 > 0 (unselected); 4: I_D = 0 < I_f -> w = 0; 5: 0.5 > 0.2 -> w = 0.1/0.5 = 0.2;
     # 6: lam I_D / I_f = 2.2/2.1 > 1, clamped to 1.
+    # Each tier explicitly: the public op on the tier the fixture forces, the pure-PyTorch function,
+    # and the compiled op (only on the compiled pass).
+    if fn_name == "torch.ops" and backend != "compiled":
+        return
+    fn = {"ops": ops.ssd_dampen_, "torch_ops": torch_ops.ssd_dampen_, "torch.ops": _op("ssd_dampen_")}[fn_name]
+    assert _backend.backend_name("cpu") == ("cpu" if backend == "compiled" else "torch")
     theta = torch.tensor([1.0, 1.0, 1.0, 1.0, -3.0, 1.0, 5.0])
     f = torch.tensor([1.0, 2.0, 3.0, 0.0, 5.0, 0.5, 2.1])
     d = torch.tensor([0.5, 0.1, 1.0, 0.0, 0.0, 0.1, 1.0])
     expected = torch.tensor([1.0, 0.05, 1.0 / 3.0, 1.0, -0.0, 0.2, 5.0])
-    fns = [ops.ssd_dampen_] + ([_op("ssd_dampen_")] if _has_compiled("ssd_dampen_") else [])
-    for fn in fns:
-        # lam = 1 except for element 6, which gets its own call with lam = 2.2
-        p = [theta[:6].clone(), theta[6:].clone()]
-        counts = fn([p[0]], [f[:6]], [d[:6]], 2.0, 1.0, 1.0)
-        counts2 = fn([p[1]], [f[6:]], [d[6:]], 2.0, 2.2, 1.0)
-        assert counts.tolist() == [4] and counts2.tolist() == [1]
-        assert_bitwise(torch.cat(p), expected)
+    # lam = 1 except for element 6, which gets its own call with lam = 2.2
+    p = [theta[:6].clone(), theta[6:].clone()]
+    counts = fn([p[0]], [f[:6]], [d[:6]], 2.0, 1.0, 1.0)
+    counts2 = fn([p[1]], [f[6:]], [d[6:]], 2.0, 2.2, 1.0)
+    assert counts.tolist() == [4] and counts2.tolist() == [1]
+    assert_bitwise(torch.cat(p), expected)
 
 
 @requires_compiled
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ssd_dampen_ties_zeros_inf_nan(dtype):
-    inf, nan = math.inf, math.nan
+def test_ssd_dampen_ties_zeros_inf(dtype):
+    # NaN importances raise (tests/test_kernel_safety.py)
+    inf = math.inf
     big = 1e38 if dtype == torch.float32 else 5e307
-    #            tie   d=0  both0 f=0  f=inf  both inf d=inf f=nan d=nan  inf/inf  normal
-    f = torch.tensor([6.0, 2.0, 0.0, 0.0, inf, inf, 1.0, nan, 1.0, inf, 9.0], dtype=dtype)
-    d = torch.tensor([2.0, 0.0, 0.0, 1.0, 1.0, inf, inf, 1.0, nan, big, 1.0], dtype=dtype)
-    theta = torch.tensor([1.5, -2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0], dtype=dtype)
+    #            tie   d=0  both0 f=0  f=inf  both inf d=inf inf/inf  normal
+    f = torch.tensor([6.0, 2.0, 0.0, 0.0, inf, inf, 1.0, inf, 9.0], dtype=dtype)
+    d = torch.tensor([2.0, 0.0, 0.0, 1.0, 1.0, inf, inf, big, 1.0], dtype=dtype)
+    theta = torch.tensor([1.5, -2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 10.0, 11.0], dtype=dtype)
     # alpha = 3 (f == 3 d at element 0 is a tie; 3 big is finite), lam = 4 (4 big overflows to inf)
     ours, ref = [theta.clone()], [theta.clone()]
     counts = _op("ssd_dampen_")(ours, [f], [d], 3.0, 4.0, 1.0)
     ref_counts = torch_ops.ssd_dampen_(ref, [f], [d], 3.0, 4.0, 1.0)
-    # selected: d=0 (1), f=inf with finite d (4), inf/inf (9), normal (10)
+    # selected: d=0 (1), f=inf with finite d (4), inf/inf (7), normal (8)
     assert counts.tolist() == [4] and ref_counts.tolist() == [4]
     expected = theta.clone()
     expected[1] = -0.0
     expected[4] = 0.0
-    expected[10] = theta[10] * (torch.tensor(4.0, dtype=dtype) / 9.0)
+    expected[8] = theta[8] * (torch.tensor(4.0, dtype=dtype) / 9.0)
     assert_bitwise(ours[0], expected)
     assert_bitwise(ours[0], ref[0])
     assert torch.isfinite(ours[0]).all()
@@ -152,7 +160,7 @@ def test_ssd_dampen_ties_zeros_inf_nan(dtype):
     p = [theta.clone()]
     _op("ssd_dampen_")(p, [f], [d], 0.0, 1.0, 1.0)
     assert torch.isfinite(p[0]).all()
-    assert p[0][6] == theta[6] and p[0][8] == theta[8]
+    assert p[0][6] == theta[6]
 
 
 @requires_compiled
@@ -273,28 +281,62 @@ def test_masked_reset_matches_where(dtype, init_dtype):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tier", ["compiled", "torch"])
-def test_public_ops_agree_across_tiers(tier):
-    if tier == "compiled" and not _backend.has_kernel("cpu"):
-        pytest.skip("compiled CPU kernels not built")
-    gen = torch.Generator().manual_seed(8)
-    shapes = [(64, 3, 3, 3), (64,), (10, 64), (0,)]
-    params = _randn_list(shapes, torch.float32, gen)
-    grads = _randn_list(shapes, torch.float32, gen)
-    _backend.force_backend(tier)
+def _public_ops_run(gen_seed: int, device: str = "cpu"):
+    """accumulate_importance_ twice, ssd_dampen_, then masked_reset_ with a random mask, through the
+    public ops on the tier in force; returns every intermediate result."""
+    gen = torch.Generator().manual_seed(gen_seed)
+    shapes = [(64, 3, 3, 3), (64,), (10, 64), (0,), (1025,)]
+    params = [t.to(device) for t in _randn_list(shapes, torch.float32, gen)]
+    grads = [t.to(device) for t in _randn_list(shapes, torch.float32, gen)]
+    init = [t.to(device) for t in _randn_list(shapes, torch.float32, gen)]
+    masks = [(torch.rand(s, generator=gen) < 0.3).to(device) for s in shapes]
+    acc_f = [torch.zeros(s, device=device) for s in shapes]
+    acc_d = [torch.zeros(s, device=device) for s in shapes]
+    ops.accumulate_importance_(acc_f, grads, "square", 1.0)
+    ops.accumulate_importance_(acc_d, params, mode="abs", scale=0.5)
+    dampened = _clone(params)
+    counts = ops.ssd_dampen_(dampened, acc_f, acc_d, 1.0, 2.0, 1.0)
+    reset = _clone(dampened)
+    ops.masked_reset_(reset, init, masks)
+    inputs = {"params": params, "grads": grads, "init": init, "masks": masks}
+    return inputs, {"acc_f": acc_f, "acc_d": acc_d, "dampened": dampened, "counts": counts, "reset": reset}
+
+
+def test_public_ops_agree_across_tiers():
+    """The same calls on the compiled and the pure-PyTorch tier give bitwise the same tensors at every
+    stage, and both equal a float64 transcription of the rules."""
+    if not _backend.has_kernel("cpu"):
+        pytest.skip("compiled CPU kernels not built: there is one tier to compare")
+    runs = {}
     try:
-        acc_f = [torch.zeros(s) for s in shapes]
-        acc_d = [torch.zeros(s) for s in shapes]
-        ops.accumulate_importance_(acc_f, grads, "square", 1.0)
-        ops.accumulate_importance_(acc_d, params, mode="square", scale=0.5)
-        ours = _clone(params)
-        counts = ops.ssd_dampen_(ours, acc_f, acc_d, 1.0)
-        ops.masked_reset_(ours, [torch.zeros(s) for s in shapes], [torch.ones(s, dtype=torch.bool) for s in shapes])
+        for tier in ("compiled", "torch"):
+            _backend.force_backend(tier)
+            assert _backend.backend_name("cpu") == ("cpu" if tier == "compiled" else "torch")
+            runs[tier] = _public_ops_run(8)
     finally:
         _backend.force_backend(None)
-    expected = [(g * g > torch.tensor(0.5) * (p * p)).sum().item() for g, p in zip(grads, params)]
-    assert counts.tolist() == expected
-    assert all((t == 0).all() for t in ours)
+    (inputs, compiled), (_, pure) = runs["compiled"], runs["torch"]
+    assert torch.equal(compiled["counts"], pure["counts"])
+    for key in ("acc_f", "acc_d", "dampened", "reset"):
+        for a, b in zip(compiled[key], pure[key]):
+            assert_bitwise(a, b)
+    # float64 transcription: I_f = g^2, I_D = |theta| / 2; selected <=> I_f > 1 * I_D;
+    # theta *= min(2 * I_D / I_f, 1) (the cap matters for I_D < I_f < 2 I_D); then theta = mask ? init : theta.
+    total_selected = 0
+    for i, (p, g, init, m) in enumerate(zip(inputs["params"], inputs["grads"], inputs["init"], inputs["masks"])):
+        p64, g64 = p.double(), g.double()
+        f, d = g64 * g64, 0.5 * p64.abs()
+        torch.testing.assert_close(compiled["acc_f"][i].double(), f, rtol=1e-6, atol=0)
+        torch.testing.assert_close(compiled["acc_d"][i].double(), d, rtol=1e-6, atol=0)
+        selected = f > d
+        total_selected += int(selected.sum())
+        assert int(compiled["counts"][i]) == int(selected.sum())
+        want = torch.where(selected, p64 * torch.clamp(2.0 * d / torch.where(selected, f, 1.0), max=1.0), p64)
+        torch.testing.assert_close(compiled["dampened"][i].double(), want, rtol=1e-6, atol=1e-30)
+        want = torch.where(m, init.double(), want)
+        torch.testing.assert_close(compiled["reset"][i].double(), want, rtol=1e-6, atol=1e-30)
+    # the run is not trivial: elements were dampened, some kept, and the reset left some dampened values
+    assert 0 < total_selected < sum(p.numel() for p in inputs["params"])
 
 
 @requires_compiled
@@ -353,71 +395,71 @@ def _ssd_args():
     return params, [torch.full((3, 4), 9.0), torch.full((5,), 9.0)], [torch.ones(3, 4), torch.ones(5)]
 
 
+# A case: (args, exception, pattern, ops_accepts).  ops_accepts marks a strided but non-overlapping
+# in-place target: the compiled op rejects it (it writes flat memory), jit_unlearn.ops accepts it
+# through a dense temporary (test_public_ops_accept_what_the_kernels_reject).  An overlapping target
+# (expanded) is refused by both, before anything is written.
 def _bad_ssd_cases():
     p, f, d = _ssd_args()
     return [
-        ((p, f[:1], d, 1.0, 1.0, 1.0), ValueError, r"imp_forget"),
-        ((p, f, d + [torch.ones(2)], 1.0, 1.0, 1.0), ValueError, r"imp_full"),
-        ((p, f, [d[0], torch.ones(6)], 1.0, 1.0, 1.0), ValueError, r"imp_full\[1\]"),
-        ((p, [f[0].int(), f[1]], d, 1.0, 1.0, 1.0), TypeError, r"imp_forget\[0\]"),
-        (([p[0], p[1].long()], f, d, 1.0, 1.0, 1.0), TypeError, r"params\[1\]"),
-        (([p[0], torch.ones(10)[::2]], f, d, 1.0, 1.0, 1.0), ValueError, r"params\[1\]"),
-        ((p, f, d, -1.0, 1.0, 1.0), ValueError, r"alpha"),
-        ((p, f, d, math.nan, 1.0, 1.0), ValueError, r"alpha"),
-        ((p, f, d, 1.0, -0.5, 1.0), ValueError, r"lam"),
-        ((p, f, d, 1.0, 1.0, math.inf), ValueError, r"exponent"),
+        ((p, f[:1], d, 1.0, 1.0, 1.0), ValueError, r"imp_forget", False),
+        ((p, f, d + [torch.ones(2)], 1.0, 1.0, 1.0), ValueError, r"imp_full", False),
+        ((p, f, [d[0], torch.ones(6)], 1.0, 1.0, 1.0), ValueError, r"imp_full\[1\]", False),
+        ((p, [f[0].int(), f[1]], d, 1.0, 1.0, 1.0), TypeError, r"imp_forget\[0\]", False),
+        (([p[0], p[1].long()], f, d, 1.0, 1.0, 1.0), TypeError, r"params\[1\]", False),
+        (([p[0], torch.ones(10)[::2]], f, d, 1.0, 1.0, 1.0), ValueError, r"params\[1\]", True),
+        (([p[0], torch.ones(1).expand(5)], f, d, 1.0, 1.0, 1.0), ValueError, r"params\[1\]", False),
+        ((p, f, d, -1.0, 1.0, 1.0), ValueError, r"alpha", False),
+        ((p, f, d, math.nan, 1.0, 1.0), ValueError, r"alpha", False),
+        ((p, f, d, 1.0, -0.5, 1.0), ValueError, r"lam", False),
+        ((p, f, d, 1.0, 1.0, math.inf), ValueError, r"exponent", False),
     ]
 
 
 def _bad_accumulate_cases():
     acc, grads = [torch.zeros(3), torch.zeros(2, 2)], [torch.ones(3), torch.ones(2, 2)]
+    expanded = torch.zeros(2, 2).t()[:, :1].expand(2, 2)  # two elements per memory location
     return [
-        ((acc, grads[:1], "square", 1.0), ValueError, r"grads"),
-        ((acc, [grads[0], torch.ones(4)], "square", 1.0), ValueError, r"grads\[1\]"),
-        ((acc, [grads[0], grads[1].int()], "square", 1.0), TypeError, r"grads\[1\]"),
-        (([acc[0].int(), acc[1]], grads, "square", 1.0), TypeError, r"acc\[0\]"),
-        ((acc, grads, "cube", 1.0), ValueError, r"mode"),
-        ((acc, grads, "square", math.inf), ValueError, r"scale"),
-        (([acc[0], torch.zeros(2, 2).t()[:, :1].expand(2, 2)], grads, "square", 1.0), ValueError, r"acc\[1\]"),
+        ((acc, grads[:1], "square", 1.0), ValueError, r"grads", False),
+        ((acc, [grads[0], torch.ones(4)], "square", 1.0), ValueError, r"grads\[1\]", False),
+        ((acc, [grads[0], grads[1].int()], "square", 1.0), TypeError, r"grads\[1\]", False),
+        (([acc[0].int(), acc[1]], grads, "square", 1.0), TypeError, r"acc\[0\]", False),
+        ((acc, grads, "cube", 1.0), ValueError, r"mode", False),
+        ((acc, grads, "square", math.inf), ValueError, r"scale", False),
+        (([acc[0], expanded], grads, "square", 1.0), ValueError, r"acc\[1\]", False),
+        (([acc[0], torch.zeros(2, 4)[:, ::2]], grads, "square", 1.0), ValueError, r"acc\[1\]", True),
     ]
 
 
 def _bad_reset_cases():
-    p, i, m = [torch.zeros(3), torch.zeros(4)], [torch.ones(3), torch.ones(4)], [torch.ones(3, dtype=torch.bool)] * 2
-    m = [m[0], torch.ones(4, dtype=torch.bool)]
+    p, i = [torch.zeros(3), torch.zeros(4)], [torch.ones(3), torch.ones(4)]
+    m = [torch.ones(3, dtype=torch.bool), torch.ones(4, dtype=torch.bool)]
     return [
-        (
-            (
-                p,
-                i[:1],
-                m,
-            ),
-            ValueError,
-            r"init",
-        ),
-        ((p, i, m + m), ValueError, r"masks"),
-        ((p, i, [m[0], torch.ones(4)]), TypeError, r"masks\[1\]"),
-        ((p, i, [m[0], torch.ones(5, dtype=torch.bool)]), ValueError, r"masks\[1\]"),
-        ((p, [i[0], torch.ones(4, dtype=torch.int64)], m), TypeError, r"init\[1\]"),
-        (([p[0], torch.zeros(8)[::2]], i, m), ValueError, r"params\[1\]"),
+        ((p, i[:1], m), ValueError, r"init", False),
+        ((p, i, m + m), ValueError, r"masks", False),
+        ((p, i, [m[0], torch.ones(4)]), TypeError, r"masks\[1\]", False),
+        ((p, i, [m[0], torch.ones(5, dtype=torch.bool)]), ValueError, r"masks\[1\]", False),
+        ((p, [i[0], torch.ones(4, dtype=torch.int64)], m), TypeError, r"init\[1\]", False),
+        (([p[0], torch.zeros(8)[::2]], i, m), ValueError, r"params\[1\]", True),
+        (([p[0], torch.zeros(1).expand(4)], i, m), ValueError, r"params\[1\]", False),
     ]
 
 
-_BAD = (
+_CASES = (
     [("ssd_dampen_", c) for c in _bad_ssd_cases()]
     + [("accumulate_importance_", c) for c in _bad_accumulate_cases()]
     + [("masked_reset_", c) for c in _bad_reset_cases()]
 )
+_BAD = [(via, op, c) for via in ("ops", "torch.ops") for op, c in _CASES if via == "torch.ops" or not c[3]]
 
 
-@pytest.mark.parametrize("via", ["ops", "torch.ops"])
-@pytest.mark.parametrize("op,case", _BAD, ids=[f"{op}-{i}" for i, (op, _) in enumerate(_BAD)])
+@pytest.mark.parametrize("via,op,case", _BAD, ids=[f"{via}-{op}-{i}" for i, (via, op, _) in enumerate(_BAD)])
 def test_bad_arguments_name_the_argument(via, op, case):
-    args, exc, pattern = case
+    """The error names the argument, and no tensor of the in-place list was written (the first
+    targets included: every tensor is checked before any is written)."""
+    args, exc, pattern, _ = case
     if via == "torch.ops" and not _has_compiled(op):
         pytest.skip("compiled CPU kernels not built")
-    if via == "ops" and not all(t.is_contiguous() for t in args[0]):
-        pytest.skip("jit_unlearn.ops accepts strided in-place operands (test_strided_inplace_operands)")
     fn = getattr(ops, op) if via == "ops" else _op(op)
     before = [t.clone() for t in args[0]]
     with pytest.raises(exc, match=pattern):
@@ -425,6 +467,31 @@ def test_bad_arguments_name_the_argument(via, op, case):
     for t, b in zip(args[0], before):
         if t.dtype == b.dtype and t.is_floating_point():
             assert_bitwise(t, b)
+
+
+_BUILDERS = {
+    "ssd_dampen_": _bad_ssd_cases,
+    "accumulate_importance_": _bad_accumulate_cases,
+    "masked_reset_": _bad_reset_cases,
+}
+_ACCEPTED = [(op, k) for op, build in _BUILDERS.items() for k, c in enumerate(build()) if c[3]]
+
+
+@pytest.mark.parametrize("op,k", _ACCEPTED, ids=[f"{op}-{k}" for op, k in _ACCEPTED])
+def test_public_ops_accept_what_the_kernels_reject(backend, op, k):
+    """A strided view as in-place target: jit_unlearn.ops updates it in place on every tier, bitwise as
+    the same op on a dense copy."""
+    args = _BUILDERS[op]()[k][0]  # fresh tensors: the op writes them
+    views = list(args[0])
+    dense = [t.contiguous().clone() for t in views]
+    before = [t.clone() for t in dense]
+    got = getattr(ops, op)(views, *args[1:])
+    want = getattr(ops, op)(dense, *args[1:])
+    if got is not None:
+        assert torch.equal(got, want)
+    for v, t in zip(views, dense):
+        assert_bitwise(v.contiguous(), t)
+    assert not torch.equal(views[1].contiguous(), before[1])  # the strided target was written
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -479,6 +546,27 @@ def test_device_mismatch_names_the_argument():
 # --------------------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU)
 # --------------------------------------------------------------------------------------------------
+
+
+@requires_cuda
+def test_public_ops_on_cuda_run_the_expected_tier():
+    """On a GPU the public ops run the CUDA kernels when they are built (else the pure-PyTorch tier),
+    and give what the same calls give on the CPU; perturb's noise is bitwise the same."""
+    tier = expected_tier("cuda")
+    assert _backend.backend_name("cuda") == tier and jit_unlearn.backend_info()["active"]["cuda"] == tier
+    if os.environ.get("FORCE_CUDA") == "1" and os.environ.get("JIT_UNLEARN_BACKEND") != "torch":
+        assert tier == "cuda"  # a build asked for CUDA kernels must run them
+    _, cpu = _public_ops_run(12)
+    _, gpu = _public_ops_run(12, "cuda")
+    assert gpu["counts"].device.type == "cuda" and torch.equal(gpu["counts"].cpu(), cpu["counts"])
+    for key in ("acc_f", "acc_d", "dampened", "reset"):
+        for a, b in zip(gpu[key], cpu[key]):
+            assert a.device.type == "cuda"
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=0)
+    x = torch.randn(6, 3, 9)
+    got, want = ops.perturb(x.cuda(), 3, 0.5, seed=4, offset=2), ops.perturb(x, 3, 0.5, seed=4, offset=2)
+    assert torch.equal(got[0].cpu(), want[0])
+    torch.testing.assert_close(got[1].cpu(), want[1], rtol=1e-5, atol=1e-6)
 
 
 @requires_cuda

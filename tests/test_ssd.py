@@ -3,6 +3,7 @@ runs against an independent transcription of the published procedure, the import
 argument checks, and real forgetting on the digits data."""
 
 import copy
+import time
 
 import numpy as np
 import pytest
@@ -146,6 +147,9 @@ def test_ssd_bn_cnn_bitwise_equals_published(alpha, lam, backend):
     reference = copy.deepcopy(model)
     forget = DataLoader(TensorDataset(x[forget_idx], y[forget_idx]), batch_size=4)
     full = DataLoader(TensorDataset(x, y), batch_size=16)
+    counted = copy.deepcopy(model).eval()  # the selection counted independently, from the transcription
+    f, d = published.calc_importance(counted, forget), published.calc_importance(counted, full)
+    expected = {n: int((f[n] > d[n].mul(alpha)).sum()) for n in f}
     report = ju.ssd(model, forget, full, alpha=alpha, lam=lam, progress=False)
     published.ssd(reference, forget, full, alpha, lam)
     assert model.training
@@ -154,9 +158,45 @@ def test_ssd_bn_cnn_bitwise_equals_published(alpha, lam, backend):
     for (n, b), c in zip(model.named_buffers(), reference.buffers()):
         assert torch.equal(b, c), n
     assert report.alpha == alpha and report.lam == lam and report.method == "ssd"
-    assert report.total_selected == sum(report.selected.values()) > 0
+    assert report.selected == expected and report.total_selected == sum(expected.values()) > 0
     assert report.total_elements == sum(p.numel() for p in model.parameters())
-    assert report.seconds >= report.importance_seconds >= 0 and report.dampen_seconds >= 0
+
+
+class _Slow:
+    """Batches of a DataLoader, each handed out after `delay` seconds."""
+
+    def __init__(self, loader, delay):
+        self.loader, self.delay = loader, delay
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            time.sleep(self.delay)
+            yield batch
+
+
+def test_report_times_each_phase(monkeypatch):
+    # known delays in each phase: the importance passes wait 0.05 s per batch (5 batches), the
+    # dampening 0.1 s;
+    # each phase's time covers its delay, and the total lies within the caller's own clock
+    x, y = _data(seed=13)
+    forget = _Slow(DataLoader(TensorDataset(x[y == 1], y[y == 1]), batch_size=8), 0.05)
+    full = _Slow(DataLoader(TensorDataset(x, y), batch_size=16), 0.05)
+    real = ju.ops.ssd_dampen_
+
+    def slow_dampen(*args):
+        time.sleep(0.1)
+        return real(*args)
+
+    monkeypatch.setattr(ju.ops, "ssd_dampen_", slow_dampen)
+    start = time.perf_counter()
+    report = ju.ssd(_bn_cnn(9), forget, full, progress=False)
+    elapsed = time.perf_counter() - start
+    assert len(forget) + len(full) == 5 and report.importance_seconds >= 0.05 * 5
+    assert report.dampen_seconds >= 0.1
+    assert report.importance_seconds + report.dampen_seconds <= report.seconds <= elapsed
 
 
 def test_lf_ssd_on_unlabeled_tensors_bitwise_equals_published():
@@ -287,6 +327,11 @@ def test_cache_refusals_leave_model_unchanged(tmp_path):
         ju.lf_ssd(model, forget, full_importances=fisher, progress=False)
     with pytest.raises(ValueError, match="full_importances: per_sample=False"):
         ju.ssd(model, forget, full_importances=fisher, per_sample=True, progress=False)
+    # a cache saved from another training run of the same architecture
+    path = tmp_path / "full.pt"
+    importances(_bn_cnn(11), full, progress=False).save(path)
+    with pytest.raises(ValueError, match="computed on other weights"):
+        ju.ssd(model, forget, full_importances=Importances.load(path, model), progress=False)
     _assert_same_state(model, before)
 
 

@@ -139,14 +139,18 @@ def test_restore_on_failure_puts_back_values_and_flags(error, pass_state):
     saved = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
     scratch = model.scratch.clone()
     flags = [m.training for m in model.modules()]
+    grads = [(p.grad, p.grad.clone()) for p in model.parameters()]
     with pytest.raises(error), restore_on_failure(model, ModelState(model) if pass_state else None):
         with torch.no_grad():
             for t in list(model.parameters()) + [model.bn.running_mean, model.scratch]:
                 t.add_(1.0)
+        for p in model.parameters():
+            p.grad = None
         model.eval()
         raise error()
     for k, v in model.state_dict(keep_vars=True).items():
         assert torch.equal(v, saved[k]), k
     assert torch.equal(model.scratch, scratch)  # non-persistent buffers too
-    assert all(p.grad is None for p in model.parameters())
+    # the caller's gradients come back: the same tensors, with their values
+    assert all(p.grad is g and torch.equal(g, v) for p, (g, v) in zip(model.parameters(), grads))
     assert [m.training for m in model.modules()] == flags

@@ -1,4 +1,4 @@
-// Per-element SSD dampening rule (ALGORITHMS.md section 2), shared by the CPU and CUDA kernels.
+// Per-element SSD dampening rule (docs/METHODS.md §2), shared by the CPU and CUDA kernels.
 #pragma once
 
 #include <cmath>
@@ -6,6 +6,18 @@
 #include "common/macros.h"
 
 namespace jit_unlearn {
+
+// An importance the rule accepts: >= 0 (-0 included), not NaN.  A negative one would give a negative
+// factor and flip the parameter's sign; the ops raise on either before writing anything.
+template <typename T>
+HOST_DEVICE_INLINE bool ssd_importance_valid(T imp) {
+  return imp >= T(0);
+}
+
+// The error text of an invalid importance, after "imp_forget[i]" or "imp_full[i]" (both backends and
+// jit_unlearn/torch_ops.py use it word for word).
+#define JIT_UNLEARN_SSD_INVALID_IMPORTANCE \
+  ": holds a negative or NaN value; importances must be >= 0 (a negative one would flip the parameter's sign)"
 
 // Selection test I_f > alpha * I_D, in the opmath dtype T.  Any NaN importance gives false (not selected);
 // I_D = 0 < I_f is selected.
@@ -15,7 +27,7 @@ HOST_DEVICE_INLINE bool ssd_selected(T imp_forget, T imp_full, T alpha) {
 }
 
 // Factor min(((lam * I_D) / I_f)^exponent, 1) of a selected element; kApplyExponent is (exponent != 1).
-// The order (lam * I_D) / I_f and the IEEE division match the reference bitwise.  The clamp is written
+// The order (lam * I_D) / I_f and the IEEE division match the pure-PyTorch tier bitwise.  The clamp is written
 // `w <= 1 ? w : 1` so that the one NaN a selected element with importances >= 0 can produce (I_f = inf
 // and lam * I_D = inf) leaves theta unchanged instead of writing NaN.
 template <bool kApplyExponent, typename T>

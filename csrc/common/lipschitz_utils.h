@@ -7,6 +7,11 @@
 
 namespace jit_unlearn {
 
+// The summation order of a row's squared distance, shared by the CPU and CUDA kernels so that they agree
+// bitwise: element k adds to lane k % kLipschitzLanes in order of k, then a pairwise tree over the lanes
+// (lane l += lane l + 4, then l += l + 2, then 0 += 1).
+constexpr int kLipschitzLanes = 8;
+
 // acc + (out - out_perturbed)^2: one term of the squared output distance of a row.  T is the opmath
 // scalar (half/bfloat16 are read as float) or a lane-wise vector type with the same operators.
 template <typename T>

@@ -15,7 +15,7 @@ constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
 constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 
-// float32 constants of the normal transform; the same literals are in jit_unlearn/reference.py.
+// float32 constants of the normal transform; the same literals are in jit_unlearn/torch_ops.py.
 // ln 2 = kLn2Hi + kLn2Lo, and e * kLn2Hi is exact for |e| < 2^7.
 constexpr float kLn2Hi = 6.93138123e-01f;
 constexpr float kLn2Lo = 9.05800061e-06f;

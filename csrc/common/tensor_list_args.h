@@ -11,6 +11,7 @@
 #include <c10/util/string_view.h>
 
 #include "common/importance_utils.h"
+#include "common/operand_checks.h"
 
 namespace jit_unlearn {
 
@@ -21,26 +22,26 @@ inline void check_list_length(at::TensorList ref, const char* ref_name, at::Tens
 }
 
 inline void check_floating(const at::Tensor& t, const char* name, size_t i) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name, "[", i,
-                   "]: expected a floating-point tensor (float32/float64/float16/bfloat16), got ", t.scalar_type());
+  check_supported_float(t, name, static_cast<int64_t>(i));
 }
 
 // list[i] must be on the device of the whole call (that of ref_list[0]) and have ref_list[i]'s shape.
-inline void check_like(const at::Tensor& t, const char* name, size_t i, at::TensorList ref_list,
-                       const char* ref_name) {
+inline void check_like(const at::Tensor& t, const char* name, size_t i, at::TensorList ref_list, const char* ref_name) {
   const at::Device device = ref_list[0].device();
-  TORCH_CHECK_VALUE(t.device() == device, name, "[", i, "]: expected device ", device, " (as ", ref_name,
-                    "[0]), got ", t.device());
-  TORCH_CHECK_VALUE(t.sizes() == ref_list[i].sizes(), name, "[", i, "]: expected shape ", ref_list[i].sizes(),
-                    " (as ", ref_name, "[", i, "]), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == device, name, "[", i, "]: expected device ", device, " (as ", ref_name, "[0]), got ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.sizes() == ref_list[i].sizes(), name, "[", i, "]: expected shape ", ref_list[i].sizes(), " (as ",
+                    ref_name, "[", i, "]), got ", t.sizes());
 }
 
 // In-place operands are walked as flat memory: contiguous (or at least non-overlapping and dense, e.g.
-// channels_last), never a strided view.
+// channels_last), never a strided view, and element-aligned.
 inline void check_inplace_layout(const at::Tensor& t, const char* name, size_t i) {
+  const auto index = static_cast<int64_t>(i);
+  check_no_internal_overlap(t, name, index);
   TORCH_CHECK_VALUE(t.is_non_overlapping_and_dense(), name, "[", i,
-                    "]: must be contiguous (an in-place operand is written as flat memory), got strides ",
-                    t.strides());
+                    "]: must be contiguous (an in-place operand is written as flat memory), got strides ", t.strides());
+  check_aligned_output(t, name, index);
 }
 
 inline void check_finite(double value, const char* name, bool non_negative) {
@@ -74,6 +75,10 @@ inline void check_accumulate_importance_args(at::TensorList acc, at::TensorList 
     check_like(grads[i], "grads", i, acc, "acc");
     check_inplace_layout(acc[i], "acc", i);
   }
+  OverlapCheck overlap;
+  overlap.add(acc, "acc", true);
+  overlap.add(grads, "grads", false);
+  overlap.check("accumulate_importance_");
 }
 
 inline void check_ssd_dampen_args(at::TensorList params, at::TensorList imp_forget, at::TensorList imp_full,
@@ -93,6 +98,11 @@ inline void check_ssd_dampen_args(at::TensorList params, at::TensorList imp_forg
     check_like(imp_full[i], "imp_full", i, params, "params");
     check_inplace_layout(params[i], "params", i);
   }
+  OverlapCheck overlap;
+  overlap.add(params, "params", true);
+  overlap.add(imp_forget, "imp_forget", false);
+  overlap.add(imp_full, "imp_full", false);
+  overlap.check("ssd_dampen_");
 }
 
 inline void check_masked_reset_args(at::TensorList params, at::TensorList init, at::TensorList masks,
@@ -110,14 +120,19 @@ inline void check_masked_reset_args(at::TensorList params, at::TensorList init, 
     check_like(masks[i], "masks", i, params, "params");
     check_inplace_layout(params[i], "params", i);
   }
+  OverlapCheck overlap;
+  overlap.add(params, "params", true);
+  overlap.add(init, "init", false);
+  overlap.add(masks, "masks", false);
+  overlap.check("masked_reset_");
 }
 
 // `src` in dtype `dtype` with the memory layout of `ref`, so that both are walked as flat arrays with the
-// same index; `src` itself when it already is (the usual case: no copy).
+// same index; `src` itself when it already is and is element-aligned (the usual case: no copy).
 inline at::Tensor match_layout(const at::Tensor& src, const at::Tensor& ref, at::ScalarType dtype) {
   const bool same_layout = (src.is_contiguous() && ref.is_contiguous()) ||
                            (src.strides() == ref.strides() && src.is_non_overlapping_and_dense());
-  if (same_layout && src.scalar_type() == dtype) {
+  if (same_layout && src.scalar_type() == dtype && (src.numel() == 0 || element_aligned(src))) {
     return src;
   }
   at::Tensor out = at::empty_like(ref, ref.options().dtype(dtype), at::MemoryFormat::Preserve);

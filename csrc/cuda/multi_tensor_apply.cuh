@@ -2,6 +2,7 @@
 // the block -> (tensor, chunk) map travel by value as a kernel argument.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -10,16 +11,28 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include "cuda/vec_utils.cuh"
+
 namespace jit_unlearn::cuda {
 
 constexpr int kChunkSize = 65536;  // elements per block
 constexpr int kBlockThreads = 512;
 constexpr int kMaxBlocksPerLaunch = 320;
 
-// Tensors per launch for a list depth (number of tensor lists walked together); these sizes keep
-// sizeof(TensorListMetadata<depth>) under the classic 4 KiB kernel-parameter limit.
+// The kernel-parameter space this library targets: the classic 4 KiB that every CUDA version and
+// architecture accepts (CUDA 12.1+ allows 32 KiB on Volta and newer; not relied on).  A launch passes
+// the metadata, the functor and the functor's arguments by value; multi_tensor_apply static_asserts their
+// total for every instantiation, and kArgsReserve bytes of the 4 KiB are kept for functor and arguments.
+constexpr size_t kKernelParamLimit = 4096;
+constexpr size_t kArgsReserve = 128;
+// block_to_tensor and block_to_chunk.
+constexpr size_t kMetadataBlockBytes = kMaxBlocksPerLaunch * (sizeof(unsigned char) + sizeof(int));
+
+// Tensors per launch for a list depth (number of tensor lists walked together): each tensor costs an
+// address per list, its numel and its list_index.
 constexpr int max_tensors_for_depth(int depth) {
-  return depth == 1 ? 110 : depth == 2 ? 64 : depth == 3 ? 48 : 36;
+  return static_cast<int>((kKernelParamLimit - kArgsReserve - kMetadataBlockBytes) /
+                          (depth * sizeof(void*) + 2 * sizeof(int64_t)));
 }
 
 template <int kDepth>
@@ -31,9 +44,21 @@ struct TensorListMetadata {
   unsigned char block_to_tensor[kMaxBlocksPerLaunch];
   int block_to_chunk[kMaxBlocksPerLaunch];
 };
-static_assert(sizeof(TensorListMetadata<3>) <= 4096 && sizeof(TensorListMetadata<2>) <= 4096,
-              "tensor-list metadata must fit in the 4 KiB kernel-parameter space");
-static_assert(max_tensors_for_depth(1) <= 255, "block_to_tensor holds tensor slots as unsigned char");
+
+template <int kDepth>
+constexpr bool metadata_fits = sizeof(TensorListMetadata<kDepth>) + kArgsReserve <= kKernelParamLimit &&
+                               TensorListMetadata<kDepth>::kMaxTensors >= 1 &&
+                               TensorListMetadata<kDepth>::kMaxTensors <= 255;  // slots are unsigned char
+static_assert(metadata_fits<1> && metadata_fits<2> && metadata_fits<3> && metadata_fits<4> && metadata_fits<5>,
+              "tensor-list metadata of every depth must leave kArgsReserve bytes of the 4 KiB kernel-parameter space");
+
+// Bytes of kernel parameters of types Ts, laid out in order with their alignments (as the CUDA ABI does).
+template <typename... Ts>
+constexpr size_t kernel_param_bytes() {
+  size_t bytes = 0;
+  ((bytes = (bytes + alignof(Ts) - 1) / alignof(Ts) * alignof(Ts) + sizeof(Ts)), ...);
+  return bytes;
+}
 
 // Where one block works: slot of its tensor in the metadata, first element of its chunk, and the chunk length.
 struct ChunkRange {
@@ -73,8 +98,8 @@ __device__ __forceinline__ int block_reduce_sum(int value) {
 }
 
 template <typename Metadata, typename Functor, typename... Args>
-__global__ void __launch_bounds__(kBlockThreads) multi_tensor_apply_kernel(const Metadata meta, Functor functor,
-                                                                            Args... args) {
+__global__ void __launch_bounds__(kBlockThreads)
+    multi_tensor_apply_kernel(const Metadata meta, Functor functor, Args... args) {
   functor(meta, args...);
 }
 
@@ -86,8 +111,17 @@ template <int kDepth, typename Functor, typename... Args>
 void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const std::vector<int64_t>& list_index,
                         Functor functor, Args... args) {
   using Metadata = TensorListMetadata<kDepth>;
+  static_assert(kernel_param_bytes<Functor, Args...>() <= kArgsReserve,
+                "functor and arguments must fit in the reserve next to the metadata");
+  static_assert(kernel_param_bytes<Metadata, Functor, Args...>() <= kKernelParamLimit,
+                "metadata, functor and arguments must fit in the 4 KiB kernel-parameter space");
   TORCH_INTERNAL_ASSERT(lists.size() == kDepth);
   const size_t num_tensors = list_index.size();
+  for (size_t t = 0; t < num_tensors; ++t) {  // before the first launch: no partial writes
+    const int64_t numel = lists[0][t].numel();
+    TORCH_CHECK((numel + kChunkSize - 1) / kChunkSize <= std::numeric_limits<int>::max(),
+                "multi_tensor_apply: tensor too large (", numel, " elements)");
+  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   Metadata meta{};
   int tensors_in_meta = 0;
@@ -104,7 +138,6 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const
     meta.numel[slot] = numel;
     meta.list_index[slot] = list_index[t];
     const int64_t chunks = (numel + kChunkSize - 1) / kChunkSize;
-    TORCH_CHECK(chunks <= std::numeric_limits<int>::max(), "multi_tensor_apply: tensor too large (", numel, " elements)");
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       meta.block_to_tensor[blocks_in_meta] = static_cast<unsigned char>(slot);
       meta.block_to_chunk[blocks_in_meta] = static_cast<int>(chunk);
@@ -140,9 +173,9 @@ void multi_tensor_apply(const std::vector<std::vector<at::Tensor>>& lists, const
 
 // One group of tensor tuples that share their dtypes, as multi_tensor_apply takes them.
 struct TensorGroup {
-  std::vector<at::ScalarType> dtypes;         // dtype of each list within the group
+  std::vector<at::ScalarType> dtypes;          // dtype of each list within the group
   std::vector<std::vector<at::Tensor>> lists;  // lists[k][t]
-  std::vector<int64_t> list_index;            // position of tuple t in the caller's lists
+  std::vector<int64_t> list_index;             // position of tuple t in the caller's lists
 };
 
 // Adds tuple `tensors` (one tensor per list, caller position `index`) to the group of its dtypes.

@@ -15,10 +15,21 @@ from dataclasses import dataclass
 from torch.utils.data import Dataset
 
 from .._checks import PRECISIONS
-from .config import DEFAULT_TEST_FRACTION, Experiment, UserError, parse_config, read_config
+from .config import DEFAULT_TEST_FRACTION, Experiment, parse_config, read_config
+from .errors import UserError, one_line
 from .experiment import run_experiment
+from .methods import BASELINES
 
-__all__ = ["Command", "COMMANDS", "register", "main", "demo_experiment", "EXIT_USER_ERROR", "CONFIG_EXAMPLE"]
+__all__ = [
+    "Command",
+    "COMMANDS",
+    "register",
+    "main",
+    "demo_experiment",
+    "EXIT_USER_ERROR",
+    "CONFIG_EXAMPLE",
+    "CONFIG_EXAMPLE_MNIST",
+]
 
 EXIT_USER_ERROR = 2
 
@@ -34,17 +45,63 @@ DEMO_METHODS = [
     {"name": "lf_ssd", "alpha": 5.0, "lam": 1.0, "batch_size": 64},
     {"name": "assd", "batch_size": 64},
     {"name": "del", "budget": 0.1, "lr": 0.1, "epochs": 3, "batch_size": 128},
+    # The comparison baselines (jit_unlearn.baselines), with settings measured to work on this
+    # model (docs/BASELINES.md §4): NegGrad+'s and SCRUB's defaults collapse or diverge on it.
+    {"name": "finetune"},
+    {"name": "neggrad_plus", "epochs": 1, "beta": 0.03},
+    {"name": "random_label"},
+    {"name": "bad_teacher"},
+    {"name": "scrub", "lr": 0.005, "max_epochs": 1},
 ]
-# --fast: a stratified 1,200-image subset, a narrow net, small method budgets; it checks the
-# pipeline, not the forgetting.
+# --fast: a stratified 1,200-image subset, a narrow net, small method budgets and no comparison
+# baselines; it checks the pipeline, not the forgetting.
 FAST_SUBSET = 1200
 FAST_MODEL = {"name": "convnet", "kwargs": {"width": 8, "hidden": 32, "num_classes": 10}}
 FAST_RECIPE = {**DEMO_RECIPE, "epochs": 3}
 FAST_OVERRIDES = {"jit": {"num_samples": 4}, "del": {"epochs": 1}}
 
 
-# The epilog of `run --help`: every key of a config.
-CONFIG_EXAMPLE = """example config (TOML; the same keys work in JSON):
+# The epilog of `run --help`: a config that runs offline on the bundled MNIST (the demo's
+# settings for three of its methods), then every key of a config.
+CONFIG_EXAMPLE_MNIST = """example 1, runs offline on the bundled MNIST (save it as mnist3.toml, then
+`jit-unlearn run mnist3.toml`; about a minute on 2 CPU cores):
+
+  seed = 0
+  out = "runs/mnist_digit3"
+
+  [dataset]
+  name = "mnist"                # the bundled 10,000 MNIST images; test_fraction = 0.2 held out
+
+  [model]
+  name = "convnet"
+  kwargs = { width = 16, hidden = 128, num_classes = 10 }
+
+  [train]
+  epochs = 5
+  lr = 0.05
+  batch_size = 32
+  label_smoothing = 0.1
+
+  [scenario]
+  kind = "full_class"
+  class = 3
+
+  [[methods]]
+  name = "jit"
+  sigma = 1.0
+  lr = 3e-3
+  batch_size = 128
+
+  [[methods]]
+  name = "ssd"
+  alpha = 8.0
+  batch_size = 64
+
+  [[methods]]
+  name = "bad_teacher"          # a comparison baseline, with its default settings
+"""
+
+CONFIG_EXAMPLE = """example 2, every key (CIFAR-10 from a folder you have; TOML, the same keys work in JSON):
 
   seed = 0                      # splits, training, methods, MIA folds
   device = "auto"               # cpu | cuda | cuda:N | auto
@@ -71,7 +128,8 @@ CONFIG_EXAMPLE = """example config (TOML; the same keys work in JSON):
   class = 0                     # sub_class: fine_class = 69, coarse_of = [...] (cifar100: optional)
 
   [[methods]]                   # any number; every key but name/label is a keyword argument
-  name = "jit"                  # jit | ssd | lf_ssd | assd | del
+  name = "jit"                  # jit | ssd | lf_ssd | assd | del, or a comparison baseline:
+                                # finetune | neggrad_plus | random_label | bad_teacher | scrub
   sigma = 0.5
   lr = 3e-4
 
@@ -92,6 +150,7 @@ class Command:
     run: Callable[[argparse.Namespace], int]
     description: str | None = None
     epilog: str | None = None
+    common: bool = True  # whether the common --device/--seed/--out/--quiet arguments apply
 
 
 COMMANDS: dict[str, Command] = {}
@@ -113,6 +172,8 @@ def demo_experiment(
     methods = []
     for entry in DEMO_METHODS:
         entry = dict(entry)
+        if fast and entry["name"] in BASELINES:
+            continue
         if fast:
             entry.update(FAST_OVERRIDES.get(entry["name"], {}))
         methods.append(entry)
@@ -127,7 +188,9 @@ def demo_experiment(
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--fast", action="store_true", help="a tiny subset and budgets (seconds; for tests)")
+    parser.add_argument(
+        "--fast", action="store_true", help="a tiny subset and budgets, no comparison baselines (seconds; for tests)"
+    )
     parser.add_argument("--forget-class", type=int, default=DEMO_FORGET_CLASS, help="the digit to forget (default 3)")
 
 
@@ -174,7 +237,8 @@ register(
         _demo_arguments,
         _demo,
         description="Train a small CNN on bundled MNIST and a retrained baseline, unlearn one digit with JiT, SSD, "
-        "LF-SSD, ASSD and DEL, and compare (hyper-parameters tuned for digit 3; see docs/TUNING.md).",
+        "LF-SSD, ASSD and DEL and with the comparison baselines (fine-tuning, NegGrad+, random labels, bad "
+        "teaching, SCRUB), and compare (hyper-parameters tuned for digit 3; see docs/TUNING.md).",
     )
 )
 register(
@@ -183,8 +247,34 @@ register(
         "run an experiment described by a TOML or JSON file",
         _run_arguments,
         _run,
-        description="Run a TOML/JSON experiment: dataset, model, train, scenario, methods.",
-        epilog=CONFIG_EXAMPLE,
+        description="Run a TOML/JSON experiment: dataset, model, train, scenario, methods (unlearning methods and "
+        "comparison baselines). Every value is checked before anything is trained.",
+        epilog=CONFIG_EXAMPLE_MNIST + "\n" + CONFIG_EXAMPLE,
+    )
+)
+
+
+def _selfcheck_arguments(parser: argparse.ArgumentParser) -> None:
+    from .. import selfcheck
+
+    selfcheck.add_arguments(parser)
+
+
+def _selfcheck(args: argparse.Namespace) -> int:
+    from .. import selfcheck
+
+    return selfcheck.main(args)
+
+
+register(
+    Command(
+        "selfcheck",
+        "check this install: tiers, every op against the pure-PyTorch tier, methods, timings",
+        _selfcheck_arguments,
+        _selfcheck,
+        description="Check this install: compiled and active tiers, every op against the pure-PyTorch tier (and "
+        "CUDA against CPU), JiT/SSD/DEL on a small model on each device, short timings on a ResNet-18.",
+        common=False,
     )
 )
 
@@ -202,13 +292,15 @@ def _parser() -> argparse.ArgumentParser:
         help="what the methods' model passes run in, for every method that does not set its own "
         "(default: each method's own, float32; the demo: auto = bfloat16 where the hardware runs it fast)",
     )
-    parser = argparse.ArgumentParser(prog="jit-unlearn", description="Machine unlearning: demo and experiments.")
+    parser = argparse.ArgumentParser(
+        prog="jit-unlearn", description="Machine unlearning: demo, experiments and an install check."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for command in COMMANDS.values():
         formatter = argparse.RawDescriptionHelpFormatter if command.epilog else argparse.HelpFormatter
         child = sub.add_parser(
             command.name,
-            parents=[common],
+            parents=[common] if command.common else [],
             help=command.help,
             description=command.description,
             epilog=command.epilog,
@@ -222,11 +314,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `jit-unlearn` command; returns the exit status (2 for user errors)."""
     args = _parser().parse_args(argv)
     try:
-        if args.seed is not None and args.seed < 0:
+        if getattr(args, "seed", None) is not None and args.seed < 0:
             raise UserError(f"--seed: expected an int >= 0, got {args.seed}")
         return COMMANDS[args.command].run(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc), limit=10_000)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

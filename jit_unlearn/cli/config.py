@@ -9,8 +9,6 @@ config key.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -19,30 +17,13 @@ import torch
 
 from .. import _checks as checks
 from .._train import Recipe
+from .errors import UserError, key_error
+from .methods import METHODS, RESERVED, MethodSpec, accepts, method_function, parse_methods  # noqa: F401 (re-exported)
 
-# Method name in a config -> (module, function, label in tables and plots).
-METHODS = {
-    "jit": ("jit_unlearn.methods.jit", "jit", "JiT"),
-    "ssd": ("jit_unlearn.methods.ssd", "ssd", "SSD"),
-    "lf_ssd": ("jit_unlearn.methods.ssd", "lf_ssd", "LF-SSD"),
-    "assd": ("jit_unlearn.methods.ssd", "assd", "ASSD"),
-    "del": ("jit_unlearn.methods.deletion", "del_unlearn", "DEL"),
-}
-# Arguments the experiment passes itself; a config may not set them.
-RESERVED = ("model", "forget", "full", "retain", "init", "progress")
 SCENARIOS = ("full_class", "sub_class", "random")
 DATASETS = ("mnist", "digits", "synthetic_cifar", "cifar10", "cifar100")
 MODELS = ("mlp", "small_cnn", "convnet", "resnet18")
 DEFAULT_TEST_FRACTION = 0.2
-
-
-class UserError(Exception):
-    """A mistake in the command line or the config: reported as one line, exit code 2."""
-
-
-def key_error(key: str, message: str) -> UserError:
-    """The UserError of a bad config key (a dotted path such as "scenario.class")."""
-    return UserError(f"config key '{key}': {message}")
 
 
 def _section_error(section: str, exc: Exception) -> UserError:
@@ -275,16 +256,6 @@ class ScenarioSection(_Section):
 
 
 @dataclasses.dataclass
-class MethodSpec:
-    """One [[methods]] entry: the method, its label, its keyword arguments, and where it sits in the config."""
-
-    name: str
-    label: str
-    params: dict
-    where: str  # config path, for messages
-
-
-@dataclasses.dataclass
 class Experiment:
     """A validated experiment: what `run_experiment` runs."""
 
@@ -299,53 +270,6 @@ class Experiment:
     out: str
     quiet: bool
     precision: str | None = None  # --precision: for every method that does not set its own
-
-
-def method_function(name: str, where: str) -> Callable:
-    """The function of config method `name` (a key of METHODS); `where` names it in errors."""
-    module, attr, _ = METHODS[name]
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise key_error(where, f"jit_unlearn.{attr} is not available in this installation ({exc})") from None
-
-
-def accepts(fn: Callable, key: str) -> bool:
-    """Whether `fn` takes a keyword argument `key`."""
-    params = inspect.signature(fn).parameters
-    return key in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-
-def _parse_methods(cfg: Mapping) -> list[MethodSpec]:
-    if "methods" not in cfg:
-        raise key_error("methods", "missing (a list of {name = ..., <parameters>} tables is required)")
-    entries = cfg["methods"]
-    if not isinstance(entries, list) or not entries:
-        raise key_error("methods", 'expected a non-empty list of tables, e.g. [[methods]] name = "jit"')
-    specs, labels = [], set()
-    for i, entry in enumerate(entries):
-        where = f"methods[{i}]"
-        if not isinstance(entry, Mapping):
-            raise key_error(where, f"expected a table, got {type(entry).__name__}")
-        try:
-            name = _typed(_required(entry, "name", f"one of {list(METHODS)}"), "name", str, f"one of {list(METHODS)}")
-            checks.choice(name, "name", METHODS)
-            label = _typed(entry.get("label", METHODS[name][2]), "label", str, "a string")
-        except ValueError as exc:
-            raise _section_error(where, exc) from None
-        fn = method_function(name, where + ".name")
-        params = {k: v for k, v in entry.items() if k not in ("name", "label")}
-        for key in params:
-            if key in RESERVED or not accepts(fn, key):
-                accepted = [p for p in inspect.signature(fn).parameters if p not in RESERVED]
-                raise key_error(
-                    f"{where}.{key}", f"not a parameter of jit_unlearn.{fn.__name__}; expected some of {accepted}"
-                )
-        if label in labels:
-            raise key_error(where + ".label", f"duplicate label {label!r}; give each method entry its own label")
-        labels.add(label)
-        specs.append(MethodSpec(name, label, params, where))
-    return specs
 
 
 def _top_level(cfg: Mapping, key: str, types, what: str, default):
@@ -379,19 +303,48 @@ def parse_config(cfg: Mapping, *, device=None, seed=None, out=None, quiet=False,
     model = _section(cfg, "model", ModelSection.from_table)
     if seed is None:
         seed = _top_level(cfg, "seed", int, "an int", 0)
+        if seed < 0:
+            raise key_error("seed", f"expected an int >= 0, got {seed}")
     recipe = _section(cfg, "train", lambda table: Recipe.from_mapping(table, seed=seed), required=False)
     scenario = _section(cfg, "scenario", lambda table: ScenarioSection.from_table(table, dataset=dataset.name))
-    methods = _parse_methods(cfg)
+    methods = parse_methods(cfg)
     do_retrain = _top_level(cfg, "retrain", bool, "true or false", True)
     dev = device if device is not None else _top_level(cfg, "device", str, "a device name", "auto")
+    out_key = "--out" if out is not None else "config key 'out'"
     out = out if out is not None else _top_level(cfg, "out", str, "a folder path", "jit_unlearn_run")
-    try:
-        dev = checks.device(dev)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    check_out(out, out_key)
+    dev = experiment_device(dev)
     if precision is not None:
         try:
             checks.precision(precision, dev, "--precision")
         except ValueError as exc:
             raise UserError(str(exc)) from None
     return Experiment(dataset, model, recipe, scenario, methods, do_retrain, dev, seed, out, quiet, precision)
+
+
+def experiment_device(value) -> torch.device:
+    """The device an experiment runs on: an existing device that holds data (not "meta").  Raises
+    UserError ("device: ...") otherwise."""
+    try:
+        dev = checks.device(value)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if dev.type == "meta":
+        raise UserError(
+            "device: 'meta' holds no data, so nothing can be trained or evaluated on it; use cpu, cuda, cuda:N or auto"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise UserError(f"device: {str(value)!r} is not available here; use cpu, cuda, cuda:N or auto")
+    return dev
+
+
+def check_out(out: str, key: str) -> None:
+    """The output folder `out` must be a folder or not exist yet; `key` names it ("--out" or the
+    config key) in the UserError otherwise."""
+    if not out:
+        raise UserError(f"{key}: expected a folder path, got an empty string")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"{key}: {out} is a file, not a folder; name a folder for results.json and results.png")

@@ -18,8 +18,10 @@ from torch.utils.data import Dataset, TensorDataset
 
 from .. import _checks as checks
 from .._train import train
-from .._utils import module_mode
-from .config import Experiment, MethodSpec, accepts, key_error, method_function
+from .config import Experiment
+from .errors import UserError, key_error, one_line
+from .methods import BASELINES, MethodSpec, call_method, validate_methods
+from .preflight import check_model_fits, check_recipe, load_checkpoint, prepare_out
 from .report import format_table, write_plot
 
 __all__ = ["run_experiment"]
@@ -86,52 +88,6 @@ def _factory(exp: Experiment):
     return build
 
 
-def _check_model_fits(model: nn.Module, splits) -> None:
-    from ..eval import dataset_labels
-
-    x = splits.retain[0][0].unsqueeze(0).to(next(model.parameters()).device)
-    try:
-        with torch.no_grad(), module_mode(model, False):
-            out = model(x)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise key_error(
-            "model", f"{_model_name(model)} does not accept this dataset's inputs of shape {list(x.shape[1:])}: {first}"
-        ) from None
-    classes = int(torch.cat([dataset_labels(splits.retain), dataset_labels(splits.forget)]).max()) + 1
-    if out.dim() != 2 or out.shape[1] < classes:
-        raise key_error(
-            "model.kwargs",
-            f"the model outputs {list(out.shape[1:])} logits per sample, "
-            f"but the labels need {classes} classes (set num_classes)",
-        )
-
-
-def _model_name(model: nn.Module) -> str:
-    return type(model).__name__
-
-
-def _load_checkpoint(model: nn.Module, path: str) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # any unreadable or unsafe file is the user's to fix
-        raise key_error(
-            "model.checkpoint",
-            f"cannot load {path} with weights_only=True: "
-            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}",
-        ) from None
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise key_error("model.checkpoint", f"{path} holds a {type(state).__name__}, expected a state_dict")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise key_error(
-            "model.checkpoint", f"does not fit model {_model_name(model)}: {' '.join(str(exc).split())[:300]}"
-        ) from None
-
-
 def _say(exp: Experiment, message: str) -> None:
     if not exp.quiet:
         print(message, file=sys.stderr, flush=True)
@@ -149,40 +105,73 @@ def _on_device(ds: Dataset, device: torch.device) -> Dataset:
     return TensorDataset(torch.cat(xs).to(device), torch.cat(ys).to(device))
 
 
-def _run_method(spec: MethodSpec, model: nn.Module, splits, factory, exp: Experiment, forget_on_device):
-    fn = method_function(spec.name, spec.where + ".name")
-    kwargs = dict(spec.params)
-    if accepts(fn, "seed"):
-        kwargs.setdefault("seed", exp.seed)
-    if accepts(fn, "progress"):
-        kwargs["progress"] = not exp.quiet
-    if exp.precision is not None and accepts(fn, "precision"):
-        kwargs.setdefault("precision", exp.precision)
-    if spec.name == "jit":
-        args = (forget_on_device,)
-    elif spec.name == "del":
-        args = (splits.forget, splits.retain)
-        kwargs["init"] = factory
-    else:
-        args = (splits.forget, splits.train)
+# What a failing method, training run or evaluation raises for a bad setting (a diverging loss,
+# an lr that overflows, a model that cannot take the data): reported as a user error.
+_RUN_ERRORS = (TypeError, ValueError, ArithmeticError, RuntimeError)
+
+
+def _run_method(spec: MethodSpec, model: nn.Module, splits, factory, incompetent, exp: Experiment) -> float:
+    """Run one configured method on `model` in place; returns its wall seconds."""
+    forget = _on_device(splits.forget, exp.device) if spec.name == "jit" else splits.forget
+    start = time.perf_counter()
     try:
-        return fn(model, *args, **kwargs)
-    except (TypeError, ValueError) as exc:
-        raise key_error(spec.where, f"{spec.label}: {exc}") from None
+        call_method(
+            spec,
+            model,
+            forget=forget,
+            retain=splits.retain,
+            train=splits.train,
+            factory=factory,
+            incompetent=incompetent,
+            seed=exp.seed,
+            progress=not exp.quiet,
+            precision=exp.precision,
+        )
+    except _RUN_ERRORS as exc:
+        raise key_error(spec.where, one_line(f"{spec.label}: {exc}")) from None
+    checks.sync(exp.device)
+    return time.perf_counter() - start
 
 
 def _row(method: str, seconds: float | None, record: dict, **extra) -> dict:
     """A result row: `seconds` is the method's own time (training time for the original and the
-    retrained model), `eval_seconds` the evaluation's."""
+    retrained model), `eval_seconds` the evaluation's (comparisons included)."""
     record = dict(record)
     eval_seconds = record.pop("seconds")
     return {"method": method, "seconds": seconds, **record, "eval_seconds": eval_seconds, **extra}
 
 
+def _comparisons(model: nn.Module, row: dict, splits, incompetent: nn.Module, retrained, retrain_row) -> dict:
+    """ZRF on the forget set against the incompetent model and, with a retrained model, the JS
+    divergence and activation distance to it on the forget set, the parameter distance to it and
+    the average gap of the row to its row (docs/BASELINES.md §3); None where there is no retrained
+    model.  Adds their time to the row's `eval_seconds`."""
+    from ..eval import activation_distance, avg_gap, js_divergence, layer_distance, zrf
+
+    start = time.perf_counter()
+    values = {"zrf": zrf(model, incompetent, splits.forget)}
+    keys = ("js_to_retrain", "activation_distance_to_retrain", "layer_distance_to_retrain", "avg_gap_to_retrain")
+    if retrained is None:
+        values.update(dict.fromkeys(keys))
+    else:
+        values["js_to_retrain"] = js_divergence(model, retrained, splits.forget)
+        values["activation_distance_to_retrain"] = activation_distance(model, retrained, splits.forget)
+        values["layer_distance_to_retrain"] = layer_distance(model, retrained)
+        values["avg_gap_to_retrain"] = avg_gap(row, retrain_row)
+    row.update(values)
+    row["eval_seconds"] += time.perf_counter() - start
+    return row
+
+
 def run_experiment(exp: Experiment, *, train_ds=None, test_ds=None, coarse_of=None, title: str = "run") -> dict:
     """Train (or load) the original model, optionally retrain the baseline, run every method on a
     fresh copy of the original, evaluate all, print the table and write results.json and
-    results.png into exp.out.  Returns the results dict."""
+    results.png into exp.out.  Returns the results dict.
+
+    Everything that can be checked is checked before any training: the data and the splits, the
+    model against the data, the recipe, every method's parameter values (`validate_methods`), the
+    output folder and the checkpoint.  A failure at any point raises UserError naming the config
+    key, with one line of explanation."""
     from ..eval import evaluate, retrain
 
     torch.manual_seed(exp.seed)
@@ -190,7 +179,6 @@ def run_experiment(exp: Experiment, *, train_ds=None, test_ds=None, coarse_of=No
         train_ds, test_ds, coarse_of = _load_data(exp)
     splits = _make_splits(exp, train_ds, test_ds, coarse_of)
     factory = _factory(exp)
-    os.makedirs(exp.out, exist_ok=True)
     steps = 2 + int(exp.retrain) + len(exp.methods)
     step = 0
 
@@ -203,7 +191,13 @@ def run_experiment(exp: Experiment, *, train_ds=None, test_ds=None, coarse_of=No
         torch.manual_seed(exp.seed)
         original = factory()
     original = original.to(exp.device)
-    _check_model_fits(original, splits)
+    check_model_fits(original, splits)
+    check_recipe(exp.recipe, original)
+    validate_methods(exp.methods, original, splits, factory, seed=exp.seed, precision=exp.precision)
+    prepare_out(exp.out)
+    # The untrained original: a randomly initialised model of the architecture, the incompetent
+    # teacher of bad teaching and the reference of ZRF.
+    incompetent = copy.deepcopy(original).eval()
     summary = splits.summary()
     _say(
         exp,
@@ -216,39 +210,48 @@ def run_experiment(exp: Experiment, *, train_ds=None, test_ds=None, coarse_of=No
         _say(exp, f"precision: {describe(exp.precision, exp.device)}")
     if exp.model.checkpoint:
         announce(f"loading the original {exp.model.name} from {exp.model.checkpoint}")
-        _load_checkpoint(original, exp.model.checkpoint)
+        load_checkpoint(original, exp.model.checkpoint)
         train_seconds = None
     else:
         announce(f"training the original {exp.model.name} on {len(splits.train)} samples ({exp.recipe.epochs} epochs)")
         start = time.perf_counter()
-        train(original, splits.train, exp.recipe, show_progress=not exp.quiet, desc="train original")
+        try:
+            train(original, splits.train, exp.recipe, show_progress=not exp.quiet, desc="train original")
+        except _RUN_ERRORS as exc:
+            raise key_error("train", one_line(str(exc))) from None
         checks.sync(exp.device)
         train_seconds = time.perf_counter() - start
         torch.save(original.state_dict(), os.path.join(exp.out, "original.pt"))
     original.eval()
 
-    def evaluated(model):
-        return evaluate(model, splits, seed=exp.seed, progress=not exp.quiet)
+    def evaluated(model: nn.Module, key: str) -> dict:
+        try:
+            return evaluate(model, splits, seed=exp.seed, progress=not exp.quiet)
+        except _RUN_ERRORS as exc:
+            raise key_error(key, one_line(f"cannot evaluate the model: {exc}")) from None
 
-    rows = [_row("original", train_seconds, evaluated(original), kind="original")]
+    rows = [_row("original", train_seconds, evaluated(original, "model"), kind="original")]
+    retrained = None
     if exp.retrain:
         announce(f"retraining from scratch on the {len(splits.retain)} retain samples (the baseline)")
         start = time.perf_counter()
-        baseline = retrain(factory, splits.retain, exp.recipe, device=exp.device, show_progress=not exp.quiet)
+        try:
+            retrained = retrain(factory, splits.retain, exp.recipe, device=exp.device, show_progress=not exp.quiet)
+        except _RUN_ERRORS as exc:
+            raise key_error("train", one_line(str(exc))) from None
         checks.sync(exp.device)
-        rows.append(_row("retrain", time.perf_counter() - start, evaluated(baseline.eval()), kind="baseline"))
-        del baseline
+        retrained.eval()
+        rows.append(_row("retrain", time.perf_counter() - start, evaluated(retrained, "train"), kind="baseline"))
+    retrain_row = rows[1] if retrained is not None else None
+    for row, model in zip(rows, (original, retrained)):
+        _comparisons(model, row, splits, incompetent, retrained, retrain_row)
     for spec in exp.methods:
         announce(f"{spec.label}: unlearning {len(splits.forget)} samples")
         model = copy.deepcopy(original)
-        forget_on_device = _on_device(splits.forget, exp.device) if spec.name == "jit" else None
-        start = time.perf_counter()
-        _run_method(spec, model, splits, factory, exp, forget_on_device)
-        checks.sync(exp.device)
-        seconds = time.perf_counter() - start
-        rows.append(
-            _row(spec.label, seconds, evaluated(model), kind="method", name=spec.name, params=dict(spec.params))
-        )
+        seconds = _run_method(spec, model, splits, factory, incompetent, exp)
+        kind = "comparison" if spec.name in BASELINES else "method"
+        row = _row(spec.label, seconds, evaluated(model, spec.where), kind=kind, name=spec.name, params=spec.params)
+        rows.append(_comparisons(model, row, splits, incompetent, retrained, retrain_row))
         del model
     announce("writing results")
     results = {
@@ -266,8 +269,13 @@ def run_experiment(exp: Experiment, *, train_ds=None, test_ds=None, coarse_of=No
     print(format_table(rows), flush=True)
     plot_note = write_plot(rows, os.path.join(exp.out, "results.png"), title=title)
     results["plot"] = plot_note or "results.png"
-    with open(os.path.join(exp.out, "results.json"), "w") as fh:
-        json.dump(_plain(results), fh, indent=2)
+    try:
+        with open(os.path.join(exp.out, "results.json"), "w") as fh:
+            json.dump(_plain(results), fh, indent=2)
+    except OSError as exc:
+        raise UserError(
+            one_line(f"output folder {exp.out}: cannot write results.json ({exc.strerror or exc})")
+        ) from None
     if plot_note:
         print(f"note: {plot_note}", file=sys.stderr)
     _say(exp, f"wrote {os.path.join(exp.out, 'results.json')}" + ("" if plot_note else " and results.png"))

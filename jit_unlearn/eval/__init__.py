@@ -1,6 +1,8 @@
-"""Evaluation of unlearning: accuracy, entropy and loss membership-inference attacks, scenarios, retrain baseline."""
+"""Evaluation of unlearning: accuracy, entropy and loss membership-inference attacks, comparisons with
+another model (ZRF, JS divergence, activation and layer distance, average gap), scenarios, retrain baseline."""
 
 from .._train import Recipe, train
+from .compare import activation_distance, avg_gap, js_divergence, layer_distance, zrf
 from .metrics import accuracy, entropy_mia, evaluate, loss_mia
 from .scenarios import (
     Relabeled,
@@ -18,6 +20,11 @@ __all__ = [
     "entropy_mia",
     "loss_mia",
     "evaluate",
+    "zrf",
+    "js_divergence",
+    "activation_distance",
+    "layer_distance",
+    "avg_gap",
     "Splits",
     "Relabeled",
     "dataset_labels",

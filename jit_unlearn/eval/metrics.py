@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from .. import _checks as checks
+from .._safety import BatchChecks
 from .._utils import as_batches, batch_input, batch_labels, check_logits, model_device, module_mode, progress
 
 EVAL_BATCH_SIZE = 512
@@ -30,16 +31,21 @@ def _outputs(model: torch.nn.Module, data, *, name: str, labels: bool, batch_siz
     else:
         # A private generator: iterating a DataLoader otherwise draws its base seed from the global RNG.
         batches = as_batches(data, batch_size or EVAL_BATCH_SIZE, name=name, generator=torch.Generator())
+    checks.model(model)
     device = model_device(model)
+    data = BatchChecks(name)
     outs, ys = [], []
-    for batch in progress(batches, enabled=show, desc=f"evaluate ({name})"):
-        x = batch_input(batch, name=name).to(device, non_blocking=True)
+    for i, batch in enumerate(progress(batches, enabled=show, desc=f"evaluate ({name})")):
+        x = data.inputs(batch_input(batch, name=name), i).to(device, non_blocking=True)
         out = check_logits(model(x), x.shape[0], name="model")
         outs.append(out if out.dtype in (torch.float32, torch.float64) else out.float())
         if labels:
-            ys.append(batch_labels(batch, name=name).to(device, non_blocking=True).long())
+            ys.append(
+                data.labels(batch_labels(batch, name=name), i, x.shape[0], out.shape[1]).to(device, non_blocking=True)
+            )
     if not outs:
         raise ValueError(f"{name}: yields no batches (empty)")
+    data.verify()
     logits = torch.cat(outs)
     if not bool(torch.isfinite(logits).all()):
         raise ValueError(f"model: produces non-finite logits on the {name} set; cannot evaluate it")
@@ -133,9 +139,15 @@ def loss_mia(
     Returns the mean accuracy: 0.5 means forget and test losses are indistinguishable; compare with
     the retrained model's value."""
     checks.integer(n_splits, "n_splits", low=1)
+    _check_seed(seed)
     f_logits, f_labels = _forward(model, forget, name="forget", batch_size=batch_size)
     t_logits, t_labels = _forward(model, test, name="test", batch_size=batch_size)
     return _loss_mia(_ce_losses(f_logits, f_labels), _ce_losses(t_logits, t_labels), n_splits, seed)
+
+
+def _check_seed(seed) -> int:
+    # numpy's default_rng and scikit-learn's random_state take seeds in [0, 2^32)
+    return checks.integer(seed, "seed", low=0, high=2**32 - 1)
 
 
 def _split_sets(splits):
@@ -173,6 +185,8 @@ def evaluate(
     skipped, None, when `mia` is False); `seconds`, the wall time of the evaluation.  `progress`
     shows a tqdm bar per split."""
     start = time.perf_counter()
+    checks.integer(n_splits, "n_splits", low=1)
+    _check_seed(seed)
     (forget, retain, test), own_classes, test_keep = _split_sets(splits)
     show = progress
     f_logits, f_labels = _forward(model, forget, name="forget", batch_size=batch_size, show=show)

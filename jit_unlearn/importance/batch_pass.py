@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from .. import _backend, distributed, ops
 from .._precision import Precision, graded_forward
+from .._safety import BatchChecks
 from .._utils import batch_input, batch_labels, check_logits, iter_batches, model_device
 from .._utils import progress as progress_bar
 
@@ -31,10 +32,18 @@ def num_batches(batches) -> int | None:
 
 
 def batch_pass(
-    model, batches, acc: dict[str, torch.Tensor], kind: str, show: bool, name: str, precision: Precision | None = None
+    model,
+    batches,
+    acc: dict[str, torch.Tensor],
+    kind: str,
+    show: bool,
+    name: str,
+    data: BatchChecks,
+    precision: Precision | None = None,
 ) -> tuple[int, int]:
-    """Add acc(g_b) of every batch into `acc` (name -> tensor); returns (batches, samples).  The
-    forward and backward run as `precision` says (`_precision.graded_forward`).
+    """Add acc(g_b) of every batch into `acc` (name -> tensor); returns (batches, samples).  `data`
+    checks each batch's inputs and labels; the forward and backward run as `precision` says
+    (`_precision.graded_forward`).
 
     The first batch goes through the checked `ops.accumulate_importance_`; later batches call the
     kernel directly, since the accumulators and the gradients keep their shapes, dtypes and devices."""
@@ -52,12 +61,14 @@ def batch_pass(
         for batch in progress_bar(
             iter_batches(batches), enabled=show, desc=f"importances ({name})", total=num_batches(batches)
         ):
-            x = batch_input(batch, name=name)
-            y = batch_labels(batch, name=name).to(device, non_blocking=True) if kind == "fisher" else None
+            x = data.inputs(batch_input(batch, name=name), batches_seen)
+            y = batch_labels(batch, name=name) if kind == "fisher" else None
             x = x.to(device, non_blocking=True)
             for p in params:
                 p.grad = None
             out = check_logits(graded_forward(model, x, precision), x.shape[0])
+            if y is not None:
+                y = data.labels(y, batches_seen, x.shape[0], out.shape[1]).to(device, non_blocking=True)
             batch_loss(out, y, kind).backward(inputs=params)
             grads = [p.grad for p in params]
             if any(g is None for g in grads):  # parameters this batch did not reach keep their sum

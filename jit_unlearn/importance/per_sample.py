@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import distributed
 from .._precision import Precision
+from .._safety import BatchChecks
 from .._utils import batch_input, batch_labels, check_logits, iter_batches, model_device
 from .._utils import progress as progress_bar
 from .batch_pass import batch_loss, num_batches
@@ -97,6 +98,7 @@ def per_sample_pass(
     show: bool,
     max_elems: int,
     name: str,
+    data: BatchChecks,
     precision: Precision | None = None,
 ) -> tuple[int, int]:
     """Add sum_i acc(g_i) over single samples into `acc`; returns (batches, samples).
@@ -107,7 +109,9 @@ def per_sample_pass(
     per-sample leaves (`_linear_stack`) gets every d_i from one batched backward pass of the summed
     per-sample losses; any other model gets its per-sample gradients from vmap(grad(...)), reduced
     over the chunk.  Under a graded `precision` (bfloat16) the stack's passes run under autocast
-    and the products are formed in the accumulators' dtype; the vmap pass runs in the model's dtype."""
+    and the products are formed in the accumulators' dtype; the vmap pass runs in the model's dtype.
+    `data` checks each batch's inputs and labels (the labels' range once the first chunk has shown
+    the number of classes)."""
     square = kind == "fisher"
     device = model_device(model)
     linears = _factorable_linears(model)
@@ -123,8 +127,11 @@ def per_sample_pass(
         for batch in progress_bar(
             iter_batches(batches), enabled=show, desc=f"per-sample importances ({name})", total=num_batches(batches)
         ):
-            x = batch_input(batch, name=name)
-            y = batch_labels(batch, name=name).to(device, non_blocking=True) if square else None
+            x = data.inputs(batch_input(batch, name=name), batches_seen)
+            y = batch_labels(batch, name=name) if square else None
+            known = plan.num_classes  # K, once a chunk has run; before that the range is checked per chunk
+            if y is not None:
+                y = data.labels(y, batches_seen, x.shape[0], known).to(device, non_blocking=True)
             x = x.to(device, non_blocking=True)
             start = 0
             while start < x.shape[0]:
@@ -134,11 +141,15 @@ def per_sample_pass(
                 except _Unfactorable as exc:
                     if taps is None:  # the stack met an input it cannot factor: vmap from here on
                         taps = _LinearTaps(linears)
-                        plan = _PerSamplePlan(model, taps, kind, max_elems)
+                        plan = _PerSamplePlan(model, taps, kind, max_elems, num_classes=plan.num_classes)
                     else:
                         factored = plan.factored - {exc.name}
-                        plan = _PerSamplePlan(model, taps, kind, max_elems, factored=factored)
+                        plan = _PerSamplePlan(
+                            model, taps, kind, max_elems, factored=factored, num_classes=plan.num_classes
+                        )
                     continue
+                if y is not None and known is None:
+                    data.labels(y[start:stop], batches_seen, min(stop, x.shape[0]) - start, plan.num_classes)
                 for pname, g in grads.items():
                     acc[pname].add_((g * g if square else g.abs()).sum(0))
                 for mname, d in deltas.items():
@@ -223,6 +234,7 @@ class _StackPlan:
         self.leaves = [(n, _out_of_place(m)) for n, m in leaves]
         self.kind = kind
         self.precision = precision
+        self.num_classes = None  # K, known after the first call
         self.factored = {n for n, m in leaves if type(m) is nn.Linear and any(p.requires_grad for p in m.parameters())}
         per_sample = sum(m.in_features + m.out_features for n, m in leaves if n in self.factored)
         self.chunk = max(1, max_elems // max(1, per_sample))
@@ -241,6 +253,9 @@ class _StackPlan:
                     h = m(h)
         out = check_logits(h, x.shape[0])
         out = self.precision.logits(out) if self.precision else out
+        self.num_classes = out.shape[1]
+        if y is not None:  # kept in range until the caller has checked the labels (a CUDA gather would abort)
+            y = y.clamp(0, out.shape[1] - 1)
         # the sum over rows of `_sample_loss`, written as it is, so that every row's gradient is
         # formed by the same ops as the vmap pass forms it
         if self.kind == "fisher":
@@ -258,8 +273,18 @@ class _PerSamplePlan:
     in the model's dtype whatever the precision: autocast does not compose with vmap's rules (a
     bfloat16 convolution output meets a float32 batch norm)."""
 
-    def __init__(self, model, taps: _LinearTaps, kind: str, max_elems: int, factored: set[str] | None = None):
+    def __init__(
+        self,
+        model,
+        taps: _LinearTaps,
+        kind: str,
+        max_elems: int,
+        factored: set[str] | None = None,
+        num_classes: int | None = None,
+    ):
         from torch.func import functional_call, grad, vmap
+
+        self.num_classes = num_classes  # K, known after the first call
 
         self.factored = set(taps.modules) if factored is None else set(factored)
         factored_params = {_param_name(m, leaf) for m in self.factored for leaf in ("weight", "bias")}
@@ -290,6 +315,10 @@ class _PerSamplePlan:
                 m: taps.inputs[m] if m in taps.inputs else out.new_zeros(taps.modules[m].in_features) for m in probes
             }
             taps.probes, taps.inputs = {}, {}
+            out = check_logits(out, 1)
+            self.num_classes = out.shape[1]
+            if y is not None:  # kept in range until the caller has checked the labels (a CUDA gather would abort)
+                y = y.clamp(0, out.shape[1] - 1)
             return _sample_loss(out, y, kind), inputs
 
         self.fn = vmap(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -13,7 +14,8 @@ import torch
 
 from .. import _checks as checks
 from .. import _precision, ops
-from .._utils import as_batches, model_device, restore_on_failure
+from .._safety import protected
+from .._utils import as_batches, model_device
 from ..importance import Importances, importances
 
 __all__ = ["SSDReport", "dampen_", "ssd", "lf_ssd", "assd", "assd_alpha"]
@@ -40,10 +42,32 @@ class SSDReport:
     forget_importances: Importances = field(repr=False)
     full_importances: Importances = field(repr=False)
     precision: str = "float32"
+    changed: bool = True  # whether any parameter changed (False comes with a RuntimeWarning)
 
     @property
     def selected_fraction(self) -> float:
         return self.total_selected / self.total_elements if self.total_elements else 0.0
+
+    def __str__(self) -> str:
+        hp = f"alpha {self.alpha:.4g}, lam {self.lam:.4g}" + (
+            f", exponent {self.exponent:.4g}" if self.exponent != 1 else ""
+        )
+        if self.precision != "float32":
+            hp += f", {self.precision} passes"
+        times = (
+            f"{self.seconds:.3g} s (importances {self.importance_seconds:.3g} s, dampening {self.dampen_seconds:.3g} s)"
+        )
+        tensors = {n: c for n, c in self.selected.items() if c}
+        if not tensors:
+            return f"{self.method} ({hp}): selected no parameter element; the model is UNCHANGED; {times}"
+        top = sorted(tensors.items(), key=lambda kv: -kv[1])[:3]
+        most = ", ".join(f"{n} {c:,}" for n, c in top)
+        unchanged = "" if self.changed else "; no selected value changed: the model is UNCHANGED"
+        return (
+            f"{self.method} ({hp}): dampened {self.total_selected:,} of {self.total_elements:,} elements "
+            f"({100 * self.selected_fraction:.3g}%) in {len(tensors)} of {len(self.selected)} tensors "
+            f"(most: {most}){unchanged}; {times}"
+        )
 
 
 def _check_hparams(alpha, lam, exponent) -> tuple[float | None, float, float]:
@@ -100,6 +124,7 @@ def dampen_(
     Everything is checked before any parameter changes; no NaN or inf can be written.
     """
     alpha, lam, exponent = _check_hparams(alpha, lam, exponent)
+    checks.model(model)
     # a plain mapping takes the kind of the other argument
     kind = next((i.kind for i in (imp_forget, imp_full) if isinstance(i, Importances)), "fisher")
     imp_f = _checked(model, imp_forget, "imp_forget", kind)
@@ -158,7 +183,7 @@ def _unlearn(
     precision,
 ) -> SSDReport:
     alpha, lam, exponent = _check_hparams(alpha, lam, exponent)
-    checks.module(model)
+    checks.model(model)
     checks.boolean(per_sample, "per_sample")
     prec = _precision.resolve(precision, model)
     if full_importances is not None:
@@ -187,8 +212,9 @@ def _unlearn(
         "max_batch_elems": max_batch_elems,
         "precision": prec.name,
     }
-    start = time.perf_counter()
-    with restore_on_failure(model):
+
+    def body(snapshot) -> SSDReport:
+        start = time.perf_counter()
         imp_f = importances(model, forget_batches, name="forget", **opts)
         imp_d = (
             full_importances if full_importances is not None else importances(model, full_batches, name="full", **opts)
@@ -199,27 +225,39 @@ def _unlearn(
                     f"{name}: importances hold NaN or inf in {imp.invalid[:5]} "
                     f"(the model's gradients overflowed); nothing was changed"
                 )
-        if alpha is None:
-            alpha = assd_alpha(imp_f, imp_d, imp_f.num_samples, imp_d.num_samples)
+        a = assd_alpha(imp_f, imp_d, imp_f.num_samples, imp_d.num_samples) if alpha is None else alpha
         checks.sync(device)
         mid = time.perf_counter()
-        selected = _dampen(model, imp_f, imp_d, alpha, lam, exponent)
-    end = time.perf_counter()
-    return SSDReport(
-        method=method,
-        alpha=alpha,
-        lam=lam,
-        exponent=exponent,
-        selected=selected,
-        total_selected=sum(selected.values()),
-        total_elements=sum(p.numel() for p in model.parameters()),
-        seconds=end - start,
-        importance_seconds=mid - start,
-        dampen_seconds=end - mid,
-        forget_importances=imp_f,
-        full_importances=imp_d,
-        precision=prec.name,
-    )
+        selected = _dampen(model, imp_f, imp_d, a, lam, exponent)
+        total_selected = sum(selected.values())
+        changed = total_selected > 0 and snapshot.changed()
+        if not changed:
+            why = (
+                f"no parameter element has I_f > alpha * I_D (alpha={a:.4g})"
+                if total_selected == 0
+                else f"the {total_selected} selected elements keep their values (factor min(lam * I_D / I_f, 1) = 1 "
+                f"with lam={lam:.4g}, or the values are 0)"
+            )
+            warnings.warn(f"{method}: {why}; the model is unchanged", RuntimeWarning, stacklevel=5)
+        end = time.perf_counter()
+        return SSDReport(
+            method=method,
+            alpha=a,
+            lam=lam,
+            exponent=exponent,
+            selected=selected,
+            total_selected=total_selected,
+            total_elements=sum(p.numel() for p in model.parameters()),
+            seconds=end - start,
+            importance_seconds=mid - start,
+            dampen_seconds=end - mid,
+            forget_importances=imp_f,
+            full_importances=imp_d,
+            precision=prec.name,
+            changed=changed,
+        )
+
+    return protected(model, body, method=method)
 
 
 def ssd(
@@ -253,8 +291,13 @@ def ssd(
         precision: what the importance passes run in: "float32" (the model's dtype; the default),
             "bfloat16", "float16" (CUDA only; changes nothing here) or "auto" (see `importances`).
             Importances, their accumulation and the dampening stay float32.
+    The model may return logits [B, K] as a tensor or in an output's `.logits` / "logits" (transformers'
+    classifiers); labels must be integer class indices [B] in [0, K) (ValueError naming the batch
+    otherwise, as for inputs holding NaN or inf).
     Returns:
-        SSDReport.  On any error the model is restored bitwise.
+        SSDReport; `changed` is False, with a RuntimeWarning, when no parameter changed (e.g. no
+        element selected).  On any error (KeyboardInterrupt included) the model and the caller's
+        `.grad` are restored bitwise.
     """
     return _unlearn(
         "ssd",

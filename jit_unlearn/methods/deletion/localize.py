@@ -9,9 +9,11 @@ from torch import nn
 
 from ... import _checks as checks
 from ..._precision import Precision, graded_forward, resolve
+from ..._safety import BatchChecks
 from ..._utils import batch_input, batch_labels, check_logits, model_device, module_mode, seeded_batches
 from ..._utils import progress as _progress
 from .mask import Mask
+from .reference import check_mode, reference_batches, reference_mask, reference_scores
 
 __all__ = ["localize", "mask_from_scores", "CRITERIA", "GRANULARITIES"]
 
@@ -50,11 +52,13 @@ def _element_scores(
     device = model_device(model)
     acc = [torch.zeros(p.shape, dtype=dtype, device=p.device) for p in params]
     seen = 0
+    data = BatchChecks("forget")
     with module_mode(model, False), torch.enable_grad():
         for batch in _progress(batches, enabled=show, desc="DEL localize"):
-            x = batch_input(batch, name="forget").to(device)
-            y = batch_labels(batch, name="forget").to(device)
-            loss = F.cross_entropy(check_logits(graded_forward(model, x, precision), x.shape[0]), y)
+            x = data.inputs(batch_input(batch, name="forget"), seen).to(device)
+            out = check_logits(graded_forward(model, x, precision), x.shape[0])
+            y = data.labels(batch_labels(batch, name="forget"), seen, x.shape[0], out.shape[1]).to(device)
+            loss = F.cross_entropy(out, y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for a, g in zip(acc, grads):
                 if g is not None:
@@ -62,6 +66,7 @@ def _element_scores(
             seen += 1
     if seen == 0:
         raise ValueError("forget: yields no batches (empty)")
+    data.verify()
     # S sums the gradients of L_b = -CE_b; the negation is exact, so |S| and |θ ⊙ S| need no sign.
     if criterion == "weighted_grad":
         return [a.mul_(p.detach()).abs_() for a, p in zip(acc, params)]
@@ -140,14 +145,16 @@ def localize(
     top_fraction: float | None = 0.1,
     seed: int = 0,
     batch_size: int | None = None,
+    mode: str = "default",
     progress: bool = True,
     precision: str = "float32",
 ) -> Mask:
     """Select the ⌊budget·P⌋ parameter entries most critical to the forget set (docs/METHODS.md §3).
 
     Args:
-        model: classifier returning [B, K] logits.  Its trainable floating parameters (P entries in
-            all) are scored; the model is not modified (scoring runs in eval mode, grads are not stored).
+        model: classifier returning [B, K] logits (or an output holding them as `.logits`).  Its
+            trainable floating parameters (P entries in all) are scored; the model is not modified
+            (scoring runs in eval mode, grads are not stored).
         forget: DataLoader / Dataset / tensors yielding (x, y) batches, y int64 [B].  Not read for
             criterion="random" (may be None).
         criterion: "weighted_grad" |θ ⊙ Σ_b ∇θ(−CE_b)| (DEL), "grad" |Σ_b ∇θ CE_b| (SalUn saliency),
@@ -159,10 +166,16 @@ def localize(
         top_fraction: in (0, 1], or None for the plain row mean (transformer-class models).
         seed: seeds the random criterion.
         batch_size: batch size for tensor / Dataset input (a DataLoader is used as is).
+        mode: "default", or "reference" for the published code's scoring and ranking
+            (docs/METHODS.md §3.2; "weighted_grad" and "grad" only): scores add θ ⊙ ∇θ(−CE_b) (or
+            ∇θ(−CE_b)) batch by batch in the parameter dtype, rows take the mean of their sorted
+            `torch.topk`, and the selection is the first int(budget·P) positions of `torch.argsort`
+            of the negated flat scores (its own order among ties).  h = max(1, ·) in both modes.
         precision: what the scoring pass runs in: "float32" (the model's dtype; the default),
             "bfloat16" (forward and backward under autocast, channels_last inputs for conv nets;
             gradients and scores stay float32), "float16" (CUDA only; changes nothing here) or
-            "auto" (bfloat16 where the hardware runs it fast).
+            "auto" (bfloat16 where the hardware runs it fast).  Mode "reference" takes "float32"
+            or "auto" (which then means float32).
     Returns:
         Mask with a torch.bool tensor per scored parameter, on the parameter's device.
     """
@@ -172,8 +185,14 @@ def localize(
     if top_fraction is not None:
         top_fraction = checks.real(top_fraction, "top_fraction", low=0.0, high=1.0, low_open=True)
     checks.integer(seed, "seed", low=0)
-    prec = resolve(precision, model)
+    checks.model(model)
+    check_mode(mode, criterion=criterion)
+    prec = resolve(precision, model, plain="mode='reference' (the published code)" if mode == "reference" else None)
     named = _scored_parameters(model)
+    if mode == "reference":
+        batches = reference_batches(forget, batch_size, "forget")
+        scores = reference_scores(model, [p for _, p in named], batches, criterion, progress)
+        return reference_mask([n for n, _ in named], scores, granularity, budget, top_fraction)
     scores = _element_scores(model, [p for _, p in named], forget, criterion, seed, batch_size, progress, prec)
     return mask_from_scores([n for n, _ in named], scores, granularity, budget, top_fraction)
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 
 import torch
 from torch import nn
 
+from ..._utils import load_tensors_file
+
 __all__ = ["Mask"]
 
 _MASK_FORMAT = "jit_unlearn.Mask"
+_MASK_VERSION = 1
 
 
 class Mask(Mapping):
@@ -88,12 +92,24 @@ class Mask(Mapping):
 
     def save(self, path) -> None:
         """Write the masks (on the CPU) to `path` with torch.save, in a format `load` checks."""
-        torch.save({"format": _MASK_FORMAT, "version": 1, "masks": {n: m.cpu() for n, m in self._masks.items()}}, path)
+        masks = {n: m.cpu() for n, m in self._masks.items()}
+        torch.save({"format": _MASK_FORMAT, "version": _MASK_VERSION, "masks": masks}, path)
 
     @classmethod
     def load(cls, path, map_location: torch.device | str = "cpu") -> Mask:
-        """Read a file written by `save` (tensors only; loaded with weights_only=True)."""
-        blob = torch.load(path, map_location=map_location, weights_only=True)
+        """Read a file written by `save` (tensors only; loaded with weights_only=True).
+
+        Raises:
+            FileNotFoundError: no such file.  ValueError (naming the path): not a readable torch
+            file, not a mask file, another format version, or malformed masks."""
+        blob = load_tensors_file(path, map_location, what="mask")
         if not isinstance(blob, dict) or blob.get("format") != _MASK_FORMAT or not isinstance(blob.get("masks"), dict):
-            raise ValueError(f"path: {path!s} is not a file written by Mask.save")
-        return cls(blob["masks"])
+            raise ValueError(f"path: {os.fspath(path)!r} is not a file written by Mask.save")
+        if blob.get("version") != _MASK_VERSION:
+            raise ValueError(
+                f"path: {os.fspath(path)!r} has mask format version {blob.get('version')!r}, expected {_MASK_VERSION}"
+            )
+        try:
+            return cls(blob["masks"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"path: {os.fspath(path)!r} holds malformed masks ({exc})") from None

@@ -5,7 +5,9 @@ code), what keeps both safe in `safety.py`."""
 from __future__ import annotations
 
 import itertools
+import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -14,11 +16,11 @@ from torch.utils.data import TensorDataset
 
 from ... import _checks as checks
 from ... import _precision, distributed
-from ..._utils import ModelState, as_batches, batch_input, restore_on_failure, split_rows
+from ..._safety import BatchChecks, protected
+from ..._utils import ModelState, as_batches, batch_input, counted, split_rows
 from ..._utils import progress as _progress
 from .default import DEFAULT_MAX_BATCH_ELEMS, DefaultSettings, default_max_batch_elems, run_default
 from .reference import run_reference
-from .safety import restore_optimizer_on_failure
 
 __all__ = ["jit", "JiTReport", "default_max_batch_elems", "DEFAULT_MAX_BATCH_ELEMS"]
 
@@ -30,7 +32,8 @@ _REDUCTIONS = ("sum", "mean")
 class JiTReport:
     """What a `jit` call did: optimizer steps (one per forget batch), forget samples seen, wall
     seconds, the mean of the per-step losses, the op tier that ran ("cuda", "cpu" or "torch"),
-    the mode, and the precision the model's passes ran in ("auto" resolved)."""
+    the mode, the precision the model's passes ran in ("auto" resolved), and whether any parameter
+    changed (False comes with a RuntimeWarning)."""
 
     steps: int
     samples: int
@@ -39,6 +42,15 @@ class JiTReport:
     backend: str
     mode: str
     precision: str = "float32"
+    changed: bool = True
+
+    def __str__(self) -> str:
+        unchanged = "" if self.changed else "; the model is UNCHANGED"
+        reduced = "" if self.precision == "float32" else f", {self.precision} passes"
+        return (
+            f"jit ({self.mode} mode, {self.backend} ops{reduced}): {counted(self.steps, 'step')} over "
+            f"{counted(self.samples, 'forget sample')}, mean loss {self.mean_loss:.4g}, {self.seconds:.3g} s{unchanged}"
+        )
 
 
 def jit(
@@ -68,8 +80,10 @@ def jit(
     labels are never read.  Starting hyper-parameters: docs/TUNING.md.
 
     Args:
-        model: classifier returning logits [B, K]; float32/float64, or bfloat16/float16 with the
-            loss computed in float32.  Any train/eval mode; BatchNorm, Dropout and in-place ReLU work.
+        model: classifier returning logits [B, K] (a tensor, or an output with a `.logits` tensor or
+            a "logits" key, as transformers' classifiers return); float32/float64, or
+            bfloat16/float16 with the loss computed in float32.  Any train/eval mode; BatchNorm,
+            Dropout and in-place ReLU work.
         forget: DataLoader, Dataset or tensor [M, ...] of forget samples on the model's device.  A
             batch is the input itself when it is a tensor, else its first element (so `x`, `(x, y)`
             and `(x, _, y)` batches work).  Floating inputs are cast to the model's dtype.
@@ -115,17 +129,19 @@ def jit(
     ranks and sums their gradients, so every rank takes the step that one process would take on
     the global batch.  The reference mode runs whole on every rank (docs/DISTRIBUTED.md).
 
-    Safety: the arguments, the first batch and the first output shape are checked before any
-    step; if anything fails (KeyboardInterrupt included) parameters and buffers are restored
-    bitwise.  Non-finite values raise FloatingPointError and the model is restored: reference
-    mode and a caller's optimizer check every step's gradients (and the optimizer's result); the
-    default mode's plain SGD checks the parameters once after the last step (an inf or NaN that
-    reaches a parameter stays there), so its steps run without a host sync.
+    Safety: the arguments (lr must fit the parameters' dtype), the first batch and the first output
+    shape are checked before any step; if anything fails (KeyboardInterrupt included) parameters,
+    buffers, train/eval flags, the caller's `.grad` and a caller's optimizer state are restored
+    bitwise.  Reference mode and a caller's optimizer check every step's gradients (and the
+    optimizer's result); both modes check every parameter and buffer after the last step
+    (FloatingPointError, model restored), so the default mode's plain SGD steps run without a host
+    sync.  A forget batch holding NaN or inf raises ValueError naming the batch.  A run that leaves
+    every parameter bitwise unchanged warns (RuntimeWarning) and reports changed=False.
 
     The caller's model keeps its dtype and memory layout whatever `precision` and `compile` say.
 
     Returns:
-        JiTReport(steps, samples, seconds, mean_loss, backend, mode, precision).
+        JiTReport(steps, samples, seconds, mean_loss, backend, mode, precision, changed).
     """
     start = time.perf_counter()
     _check_args(model, sigma, lr, num_samples, mode, seed, reduction, optimizer, max_batch_elems, progress)
@@ -135,6 +151,8 @@ def jit(
     params = [p for p in state.params if p.requires_grad]
     if not params:
         raise ValueError("model: has no trainable parameters (requires_grad=True)")
+    if optimizer is None:
+        checks.fits_dtype(lr, "lr", {p.dtype for p in params})
     device, dtype = state.device(), state.dtype()
     if mode == "default" and (isinstance(forget, torch.Tensor) or type(forget) is TensorDataset):
         # The batches a DataLoader would collate, sliced and copied (a model may work in place on its
@@ -158,59 +176,82 @@ def jit(
     first = next(it, None)
     if first is None:
         raise ValueError("forget: yields no batches (empty)")
-    _batch_x(first, device, dtype)  # fail on a bad first batch before anything changes
+    n_copies = num_samples if mode == "default" else 1
+    _batch_x(first, device, dtype, n_copies)  # fail on a bad first batch before anything changes
+    data = BatchChecks("forget")
     stream = _progress(itertools.chain([first], it), enabled=progress, desc="jit", total=total)
-    xs = (_batch_x(batch, device, dtype) for batch in stream)
+    xs = (data.inputs(_batch_x(batch, device, dtype, n_copies), i) for i, batch in enumerate(stream))
+    losses: list[float] = []
 
-    with torch.enable_grad(), restore_on_failure(model, state), restore_optimizer_on_failure(optimizer):
-        if mode == "reference":
-            steps, samples, loss_sum = run_reference(
-                model, xs, params, sigma=float(sigma), lr=float(lr), num_samples=num_samples, reduction=reduction
+    def body(snapshot) -> JiTReport:
+        with torch.enable_grad():
+            if mode == "reference":
+                steps, samples, loss_sum = run_reference(
+                    model,
+                    xs,
+                    params,
+                    sigma=float(sigma),
+                    lr=float(lr),
+                    num_samples=num_samples,
+                    reduction=reduction,
+                    data=data,
+                )
+                backend = "torch"
+            else:
+                settings = DefaultSettings(
+                    sigma=float(sigma),
+                    lr=float(lr),
+                    num_samples=num_samples,
+                    seed=checks.seed64(seed, "seed"),
+                    reduction=reduction,
+                    max_batch_elems=default_max_batch_elems(device) if max_batch_elems is None else max_batch_elems,
+                    optimizer=optimizer,
+                    precision=prec,
+                    compile=compile,
+                )
+                steps, samples, loss_sum, backend = run_default(
+                    model, xs, state=state, params=params, settings=settings, split=split, data=data, losses=losses
+                )
+        data.verify()
+        changed = snapshot.changed()
+        if not changed:
+            warnings.warn(
+                "jit: the model is unchanged: every update was zero or below the parameters' precision "
+                "(lr = 0, a sigma too small for the inputs' dtype, or a model whose outputs ignore its input)",
+                RuntimeWarning,
+                stacklevel=4,
             )
-            backend = "torch"
-        else:
-            settings = DefaultSettings(
-                sigma=float(sigma),
-                lr=float(lr),
-                num_samples=num_samples,
-                seed=checks.seed64(seed, "seed"),
-                reduction=reduction,
-                max_batch_elems=default_max_batch_elems(device) if max_batch_elems is None else max_batch_elems,
-                optimizer=optimizer,
-                precision=prec,
-                compile=compile,
-            )
-            steps, samples, loss_sum, backend = run_default(
-                model, xs, state=state, params=params, settings=settings, split=split
-            )
-    return JiTReport(
-        steps=steps,
-        samples=samples,
-        seconds=time.perf_counter() - start,
-        mean_loss=float(loss_sum) / steps,
-        backend=backend,
-        mode=mode,
-        precision=prec.name,
-    )
+        return JiTReport(
+            steps=steps,
+            samples=samples,
+            seconds=time.perf_counter() - start,
+            mean_loss=float(loss_sum) / steps,
+            backend=backend,
+            mode=mode,
+            precision=prec.name,
+            changed=changed,
+        )
+
+    def hint() -> str:
+        bad = next((t for t, v in enumerate(losses) if not math.isfinite(v)), None)
+        where = f"the first non-finite loss: {losses[bad]} in step {bad + 1}; " if bad is not None else ""
+        return f"{where}a smaller lr or a larger sigma may help"
+
+    return protected(model, body, method="jit", state=state, optimizer=optimizer, hint=hint)
 
 
 def _resolve_precision(model, precision, compile, mode) -> _precision.Precision:
     """The default mode's precision; the reference mode runs the published code as it is (float32,
     eager), so it takes only "float32" or "auto" (which then means float32) and compile=False."""
     if mode == "reference":
-        checks.choice(precision, "precision", checks.PRECISIONS)
-        if precision not in ("float32", "auto"):
-            raise ValueError(
-                f"precision: mode='reference' runs the published code in the model's dtype; got {precision!r}, "
-                "pass 'float32' (or use mode='default')"
-            )
+        prec = _precision.resolve(precision, model, plain="mode='reference' (the published code)")
         if compile:
             raise ValueError("compile: mode='reference' runs the published code eagerly; pass compile=False")
-        return _precision.resolve("float32", model)
+        return prec
     return _precision.resolve(precision, model)
 
 
-def _batch_x(batch, device, dtype) -> torch.Tensor:
+def _batch_x(batch, device, dtype, copies: int) -> torch.Tensor:
     x = batch_input(batch, name="forget")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"forget: the input of a batch must be a tensor, got {type(x).__name__}")
@@ -223,11 +264,12 @@ def _batch_x(batch, device, dtype) -> torch.Tensor:
             f"forget: inputs are on {x.device} but the model is on {device}; "
             "move the data (or the model) to one device first"
         )
+    checks.element_count((copies, *x.shape), "num_samples", f"{copies} perturbed copies of a batch {tuple(x.shape)}")
     return x if x.dtype == dtype else x.to(dtype)
 
 
 def _check_args(model, sigma, lr, num_samples, mode, seed, reduction, optimizer, max_batch_elems, progress):
-    checks.module(model)
+    checks.model(model)
     checks.real(sigma, "sigma", low=0, low_open=True)
     checks.real(lr, "lr", low=0)
     checks.integer(num_samples, "num_samples", low=1)

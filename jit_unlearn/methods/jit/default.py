@@ -13,10 +13,11 @@ from torch import nn
 from ... import _backend
 from ..._forward_copy import ForwardCopy
 from ..._precision import Precision, graded_forward
+from ..._safety import BatchChecks, all_finite
 from ..._utils import ModelState, check_logits, module_mode
 from ...distributed import BatchSplit
 from ...torch_ops import opmath_dtype
-from .safety import all_finite, non_finite_grads
+from .safety import non_finite_grads
 
 # Input elements per no-grad forward when max_batch_elems is None: cache-sized chunks on CPU,
 # large ones that fill a GPU (how they were chosen: docs/TUNING.md).
@@ -136,13 +137,18 @@ def run_default(
     params: list[torch.Tensor],
     settings: DefaultSettings,
     split: BatchSplit,
+    data: BatchChecks,
+    losses: list[float],
 ) -> tuple[int, int, float, str]:
     """One step per forget batch of `xs`; returns (steps, samples, sum of the losses, tier).
 
     Everything that needs no graph (noise, perturbed forwards, the loss and its gradient w.r.t. the
     clean outputs) runs in inference mode on kernels chosen once per run, so a step costs few
     dispatcher calls besides the model's own.  `split` spreads each batch's rows over the ranks
-    under torch.distributed (the identity otherwise).
+    under torch.distributed (the identity otherwise).  `data`: the checks of the forget batches,
+    verified before a non-finite error is raised (bad data is named rather than blamed on lr).
+    `losses` receives each step's loss.  Plain SGD steps run without a host sync; the caller
+    checks the parameters after the last one.
 
     With a reduced `settings.precision` the perturbed forward runs on a private copy of the model in
     that dtype, refreshed from the model before every step, and (bfloat16) the clean forward and
@@ -186,9 +192,11 @@ def run_default(
                 _sgd_step_(params, s.lr)
             else:
                 if not kernels.all_finite([p.grad for p in updated]):
+                    data.verify()
                     raise non_finite_grads(steps)
                 optimizer.step()
                 if not kernels.all_finite(updated):
+                    data.verify()
                     raise FloatingPointError(
                         f"optimizer: step {steps + 1} wrote non-finite values into the parameters; "
                         "the model was restored"
@@ -197,13 +205,7 @@ def run_default(
     for p in params:
         p.grad = None
     sums = torch.stack(ratio_sums).tolist() if ratio_sums else []
-    if optimizer is None and not kernels.all_finite(params):
-        bad = next((t for t, v in enumerate(sums) if not math.isfinite(v)), None)
-        where = f" (the first non-finite loss: {sums[bad]} in step {bad + 1})" if bad is not None else ""
-        raise FloatingPointError(
-            f"jit: the SGD steps wrote non-finite values into the parameters{where}; "
-            "the model was restored.  A smaller lr or a larger sigma may help"
-        )
-    loss_sum = sum(v / scale for v, scale in zip(sums, loss_scales))
+    losses.extend(v / scale for v, scale in zip(sums, loss_scales))
+    loss_sum = sum(losses)
     samples, loss_total = split.totals(samples, loss_sum)
     return steps, samples, loss_total, kernels.tier

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..._safety import BatchChecks
 from ..._utils import check_logits
 from ...torch_ops import opmath_dtype
 from .safety import check_finite_grads
@@ -21,13 +22,16 @@ def run_reference(
     lr: float,
     num_samples: int,
     reduction: str,
+    data: BatchChecks,
 ) -> tuple[int, int, float]:
     """The published loop over the forget batches `xs`; returns (steps, samples, sum of the losses).
 
     The caller's train/eval mode is kept; the N perturbed passes run one by one, each drawing
     `torch.randn(x.shape)` on the CPU from torch's global generator; gradients are zeroed once at
     the start and then accumulate, so step t applies the sum of all gradients so far (plain SGD);
-    norms are taken in the opmath dtype of the outputs."""
+    norms are taken in the opmath dtype of the outputs.  `data`: the checks of the forget batches,
+    verified before a non-finite error is raised.  The caller checks the parameters after the last
+    step (an SGD step can overflow although its gradient is finite)."""
     sgd = torch.optim.SGD(params, lr=lr)
     sgd.zero_grad()
     steps = samples = 0
@@ -50,7 +54,7 @@ def run_reference(
         if reduction == "mean":
             loss = loss / b
         loss.backward()
-        check_finite_grads(params, steps)
+        check_finite_grads(params, steps, data)
         sgd.step()
         steps, samples = steps + 1, samples + b
         loss_sum += loss.item()
