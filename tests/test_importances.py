@@ -239,6 +239,23 @@ def test_per_sample_equals_backward_loop(arch, kind):
         torch.testing.assert_close(other[n], imp[n], rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("bad", ["nan", "label"])
+def test_per_sample_names_a_late_bad_batch(bad):
+    """Small batches run together once the first batch has shown K; each batch is still checked as
+    it is read, so a bad one deep in the data is named by its own index."""
+    torch.manual_seed(5)
+    model = MLP(8, (6,), 3)
+    x, y = torch.randn(40, 8), torch.randint(0, 3, (40,))
+    if bad == "nan":
+        x[22, 1] = float("nan")
+        message = r"loader: batch 5 \(counting from 0\) holds NaN or inf"
+    else:
+        y[21] = 3
+        message = r"loader: batch 5 \(counting from 0\): label 3 is outside \[0, 3\)"
+    with pytest.raises(ValueError, match=message):
+        importances(model, _loader(x, y, 4), per_sample=True, progress=False)
+
+
 def test_per_sample_float32_matches_batch_size_one():
     torch.manual_seed(3)
     model = MLP(64, (32,), 10)

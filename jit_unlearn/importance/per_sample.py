@@ -117,6 +117,51 @@ def per_sample_pass(
     linears = _factorable_linears(model)
     stack = _linear_stack(model, linears)
     taps = None
+    plan = None
+    pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # checked batches not yet run
+    pending_rows = 0
+
+    def run(x: torch.Tensor, y: torch.Tensor | None) -> None:
+        """Add the per-sample terms of the rows of x (labels y) into `acc`, `plan.chunk` rows at a time."""
+        nonlocal plan, taps
+        start = 0
+        while start < x.shape[0]:
+            stop = start + plan.chunk
+            try:
+                grads, deltas, inputs = plan(x[start:stop], None if y is None else y[start:stop])
+            except _Unfactorable as exc:
+                if taps is None:  # the stack met an input it cannot factor: vmap from here on
+                    taps = _LinearTaps(linears)
+                    plan = _PerSamplePlan(model, taps, kind, max_elems, num_classes=plan.num_classes)
+                else:
+                    factored = plan.factored - {exc.name}
+                    plan = _PerSamplePlan(model, taps, kind, max_elems, factored=factored, num_classes=plan.num_classes)
+                continue
+            for pname, g in grads.items():
+                acc[pname].add_((g * g if square else g.abs()).sum(0))
+            for mname, d in deltas.items():
+                weight = acc[_param_name(mname, "weight")]
+                a = inputs[mname]
+                if d.dtype != weight.dtype:  # reduced-precision passes: products in the accumulators' dtype
+                    d, a = d.to(weight.dtype), a.to(weight.dtype)
+                d, a = (d * d, a * a) if square else (d.abs(), a.abs())
+                weight.addmm_(d.t(), a)
+                bias = linears[mname].bias
+                if bias is not None and bias.requires_grad:
+                    acc[_param_name(mname, "bias")].add_(d.sum(0))
+            start = stop
+
+    def flush() -> None:
+        nonlocal pending_rows
+        if not pending:
+            return
+        xs, ys = zip(*pending)
+        x = xs[0] if len(xs) == 1 else torch.cat(xs)
+        y = None if ys[0] is None else (ys[0] if len(ys) == 1 else torch.cat(ys))
+        pending.clear()
+        pending_rows = 0
+        run(x, y)
+
     try:
         batches_seen = num_samples = 0
         if stack is not None:
@@ -133,38 +178,22 @@ def per_sample_pass(
             if y is not None:
                 y = data.labels(y, batches_seen, x.shape[0], known).to(device, non_blocking=True)
             x = x.to(device, non_blocking=True)
-            start = 0
-            while start < x.shape[0]:
-                stop = start + plan.chunk
-                try:
-                    grads, deltas, inputs = plan(x[start:stop], None if y is None else y[start:stop])
-                except _Unfactorable as exc:
-                    if taps is None:  # the stack met an input it cannot factor: vmap from here on
-                        taps = _LinearTaps(linears)
-                        plan = _PerSamplePlan(model, taps, kind, max_elems, num_classes=plan.num_classes)
-                    else:
-                        factored = plan.factored - {exc.name}
-                        plan = _PerSamplePlan(
-                            model, taps, kind, max_elems, factored=factored, num_classes=plan.num_classes
-                        )
-                    continue
-                if y is not None and known is None:
-                    data.labels(y[start:stop], batches_seen, min(stop, x.shape[0]) - start, plan.num_classes)
-                for pname, g in grads.items():
-                    acc[pname].add_((g * g if square else g.abs()).sum(0))
-                for mname, d in deltas.items():
-                    weight = acc[_param_name(mname, "weight")]
-                    a = inputs[mname]
-                    if d.dtype != weight.dtype:  # reduced-precision passes: products in the accumulators' dtype
-                        d, a = d.to(weight.dtype), a.to(weight.dtype)
-                    d, a = (d * d, a * a) if square else (d.abs(), a.abs())
-                    weight.addmm_(d.t(), a)
-                    bias = linears[mname].bias
-                    if bias is not None and bias.requires_grad:
-                        acc[_param_name(mname, "bias")].add_(d.sum(0))
-                start = stop
+            if known is None:  # the first batch runs alone: its logits show K, which checks the labels
+                for begin in range(0, x.shape[0], plan.chunk):
+                    end = min(begin + plan.chunk, x.shape[0])
+                    run(x[begin:end], None if y is None else y[begin:end])
+                    if y is not None:
+                        data.labels(y[begin:end], batches_seen, end - begin, plan.num_classes)
+            else:
+                # The sums over samples do not depend on how the samples are batched: consecutive
+                # small batches (already checked) run together, up to `plan.chunk` rows at a time.
+                pending.append((x, y))
+                pending_rows += x.shape[0]
+                if pending_rows >= plan.chunk:
+                    flush()
             batches_seen += 1
             num_samples += x.shape[0]
+        flush()
     finally:
         if taps is not None:
             taps.remove()
