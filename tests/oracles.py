@@ -1,11 +1,13 @@
 """Independent oracles for the method tests, written from docs/METHODS.md §1 and §5 and sharing no code
 with jit_unlearn: Philox4x32-10 on numpy uint64 words, the Box-Muller transform in float64, JiT's
-default mode composed from plain PyTorch, and a comparison of two updates relative to their size."""
+default mode composed from plain PyTorch, per-sample importances from one backward pass per sample, and
+a comparison of two updates relative to their size."""
 
 import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 _M0, _M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85
@@ -126,3 +128,21 @@ def assert_update_close(before: dict, got: dict, want: dict, rel: float) -> None
     worst = max(float((got[k].double() - want[k].double()).abs().max()) for k in want)
     largest = max(float((want[k].double() - before[k].double()).abs().max()) for k in want)
     assert worst <= rel * largest, f"largest element error {worst:.3g} > {rel} * largest change {largest:.3g}"
+
+
+def per_sample_importances(model, x: torch.Tensor, y: torch.Tensor, kind: str) -> dict:
+    """The definition of the per-sample importance (docs/METHODS.md §2.2): the model in eval mode, one
+    backward pass per sample of its cross-entropy ("fisher", squared gradients) or squared output norm
+    ("output_norm", absolute gradients), averaged over the samples; 0 for frozen parameters and for
+    those without a gradient."""
+    model.eval()
+    acc = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for i in range(x.shape[0]):
+        out = model(x[i : i + 1])
+        loss = F.cross_entropy(out, y[i : i + 1]) if kind == "fisher" else out.pow(2).sum()
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for n, g in zip(params, grads):
+            if g is not None:
+                acc[n] += g * g if kind == "fisher" else g.abs()
+    return {n: a / x.shape[0] for n, a in acc.items()}

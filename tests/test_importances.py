@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn as ju
+import oracles
 import published
 from jit_unlearn.importance import Importances, importances, model_fingerprint, weights_digest
 from jit_unlearn.models import MLP, SmallCNN
@@ -190,21 +190,6 @@ class _ConvZoo(nn.Module):
         return self.head(torch.tanh(self.bn1d(self.fc(h))))
 
 
-def _per_sample_loop(model, x, y, kind):
-    """One backward pass per sample: the definition of the per-sample importance."""
-    model.eval()
-    acc = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for i in range(x.shape[0]):
-        model.zero_grad(set_to_none=True)
-        out = model(x[i : i + 1])
-        loss = F.cross_entropy(out, y[i : i + 1]) if kind == "fisher" else out.pow(2).sum()
-        loss.backward()
-        for n, p in model.named_parameters():
-            if p.grad is not None:
-                acc[n] += p.grad * p.grad if kind == "fisher" else p.grad.abs()
-    return {n: a / x.shape[0] for n, a in acc.items()}
-
-
 @pytest.mark.parametrize("kind", ["fisher", "output_norm"])
 @pytest.mark.parametrize("arch", ["mlp", "bn_cnn", "conv_zoo", "awkward"])
 def test_per_sample_equals_backward_loop(arch, kind):
@@ -228,7 +213,7 @@ def test_per_sample_equals_backward_loop(arch, kind):
     model = model.double()
     x = x.double()
     y = torch.randint(0, 3, (23,))
-    expected = _per_sample_loop(model, x, y, kind)
+    expected = oracles.per_sample_importances(model, x, y, kind)
     # a small budget forces several chunks per batch
     imp = importances(model, _loader(x, y, 10), kind=kind, per_sample=True, progress=False, max_batch_elems=300)
     for n in expected:

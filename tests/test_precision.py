@@ -88,18 +88,6 @@ def test_jit_reduced_precision(backend, arch, dtype, bound):
 # ---------------------------------------------------------------- importances
 
 
-def _per_sample_loop(model, x, y, kind):
-    """float64 definition of the per-sample importance: one backward pass per sample."""
-    params = dict(model.named_parameters())
-    acc = {n: torch.zeros_like(p) for n, p in params.items()}
-    for i in range(x.shape[0]):
-        out = model(x[i : i + 1])
-        loss = F.cross_entropy(out, y[i : i + 1]) if kind == "fisher" else out.pow(2).sum()
-        for (n, _), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
-            acc[n] += g * g if kind == "fisher" else g.abs()
-    return {n: a / x.shape[0] for n, a in acc.items()}
-
-
 def _relative_error(got, want) -> float:
     err = math.sqrt(sum(float((got[n].double() - want[n].double()).pow(2).sum()) for n in want))
     return err / math.sqrt(sum(float(want[n].double().pow(2).sum()) for n in want))
@@ -122,7 +110,7 @@ def test_importances_reduced_precision(backend, trained, dtype, bound, kind, per
     assert all(imp[n].dtype == dtype and not imp.invalid for n in imp)
     ref = copy.deepcopy(model).double().eval()
     if per_sample:
-        want = _per_sample_loop(ref, x.double(), y, kind)
+        want = oracles.per_sample_importances(ref, x.double(), y, kind)
     else:
         want = published.calc_importance(ref, DataLoader(TensorDataset(x.double(), y), batch_size=64), kind != "fisher")
     assert _relative_error(imp, want) <= bound

@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn as ju
+import oracles
 from jit_unlearn import _forward_copy, _precision
 from jit_unlearn.importance import per_sample as per_sample_module
 from jit_unlearn.models import MLP, SmallCNN
@@ -391,20 +392,6 @@ class _Wrapped(nn.Module):
         return self.seq(x)
 
 
-def _per_sample_loop(model, x, y, kind):
-    acc = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for i in range(x.shape[0]):
-        model.zero_grad(set_to_none=True)
-        out = model(x[i : i + 1])
-        loss = F.cross_entropy(out, y[i : i + 1]) if kind == "fisher" else out.pow(2).sum()
-        loss.backward()
-        for n, p in model.named_parameters():
-            if p.grad is not None:
-                acc[n] += p.grad.pow(2) if kind == "fisher" else p.grad.abs()
-    model.zero_grad(set_to_none=True)
-    return {n: a / x.shape[0] for n, a in acc.items()}
-
-
 def _stack(frozen_first=False):
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -429,7 +416,7 @@ def test_linear_stack_per_sample_equals_backward_loop(kind, frozen_first):
     assert per_sample_module._linear_stack(model, linears) is not None
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     imp = ju.importances(model, loader, kind=kind, per_sample=True, progress=False)
-    oracle = _per_sample_loop(model.eval(), x, y, kind)
+    oracle = oracles.per_sample_importances(model.eval(), x, y, kind)
     for n in oracle:
         torch.testing.assert_close(imp[n], oracle[n], rtol=1e-10, atol=1e-14)
     assert all(imp[n].abs().sum() == 0 for n in ("1.0.weight", "1.0.bias")) is frozen_first
@@ -465,7 +452,7 @@ def test_linear_stack_falls_back_when_a_sample_has_several_rows():
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Flatten(), nn.Linear(18, 5)).double()
     x, y = torch.randn(12, 3, 4, dtype=torch.float64), torch.randint(0, 5, (12,))
     imp = ju.importances(model, DataLoader(TensorDataset(x, y), batch_size=5), per_sample=True, progress=False)
-    oracle = _per_sample_loop(model.eval(), x, y, "fisher")
+    oracle = oracles.per_sample_importances(model.eval(), x, y, "fisher")
     for n in oracle:
         torch.testing.assert_close(imp[n], oracle[n], rtol=1e-10, atol=1e-14)
 
