@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import jit_unlearn as ju
 import oracles
+from conftest import requires_cuda
 from jit_unlearn import _forward_copy, _precision
 from jit_unlearn.importance import per_sample as per_sample_module
 from jit_unlearn.models import MLP, SmallCNN
@@ -313,28 +314,46 @@ def test_callers_model_keeps_dtype_layout_hooks_and_modes(method, layout):
 # ---------------------------------------------------------------- reduced passes: close to float32, not equal
 
 
-def test_bfloat16_importances_are_close_to_float32_and_not_equal():
+# (device, precision): bfloat16 on CPU here; on a CUDA device both reduced precisions.
+REDUCED = [
+    ("cpu", "bfloat16"),
+    pytest.param("cuda", "bfloat16", marks=requires_cuda),
+    pytest.param("cuda", "float16", marks=requires_cuda),
+]
+
+
+@pytest.mark.parametrize("device,precision", REDUCED)
+def test_reduced_importances_are_close_to_float32(device, precision):
+    """bfloat16 graded passes move the importances a little; float16 leaves graded passes in float32,
+    so its importances are float32's exactly."""
     x, y = _digits_images(128)
-    model = _cnn()
+    model = _cnn().to(device)
+    data = TensorDataset(x.to(device), y.to(device))
     for kind in ("fisher", "output_norm"):
-        a = ju.importances(model, TensorDataset(x, y), kind=kind, batch_size=32, progress=False)
-        b = ju.importances(model, TensorDataset(x, y), kind=kind, batch_size=32, precision="bfloat16", progress=False)
-        assert b.kind == kind and all(b[n].dtype == torch.float32 for n in b)
+        a = ju.importances(model, data, kind=kind, batch_size=32, progress=False)
+        b = ju.importances(model, data, kind=kind, batch_size=32, precision=precision, progress=False)
+        assert b.kind == kind and all(b[n].dtype == torch.float32 and b[n].device == a[n].device for n in b)
+        if precision == "float16":
+            assert all(torch.equal(a[n], b[n]) for n in a), kind
+            continue
         rel = torch.cat([((b[n] - a[n]).abs() / a[n].abs().clamp_min(1e-12)).flatten() for n in a])
         assert rel.median() < 0.02, kind
         assert any(not torch.equal(a[n], b[n]) for n in a), kind
 
 
-def test_bfloat16_jit_step_is_close_to_float32():
+@pytest.mark.parametrize("device,precision", REDUCED)
+def test_reduced_jit_step_is_close_to_float32(device, precision):
     x, _ = _digits_images(64)
-    base = _cnn()
+    base = _cnn().to(device)
+    x = x.to(device)
     steps = {}
-    for precision in ("float32", "bfloat16"):
+    for prec in ("float32", precision):
         model = copy.deepcopy(base)
-        report = ju.jit(model, x, sigma=0.5, lr=1e-2, num_samples=4, batch_size=32, precision=precision, progress=False)
-        assert report.precision == precision
-        steps[precision] = torch.cat([(p - q).flatten() for p, q in zip(model.parameters(), base.parameters())])
-    a, b = steps["float32"], steps["bfloat16"]
+        report = ju.jit(model, x, sigma=0.5, lr=1e-2, num_samples=4, batch_size=32, precision=prec, progress=False)
+        assert report.precision == prec
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        steps[prec] = torch.cat([(p - q).flatten() for p, q in zip(model.parameters(), base.parameters())])
+    a, b = steps["float32"], steps[precision]
     assert not torch.equal(a, b)
     cos = F.cosine_similarity(a, b, dim=0)
     assert cos > 0.99 and (b.norm() / a.norm() - 1).abs() < 0.05
