@@ -1,6 +1,6 @@
 """DEL's reference mode: the published scoring, ranking, reset and fine-tuning loop, operation for
-operation (docs/METHODS.md §3.2).  The default mode's versions are in localize.py, finetune.py and
-unlearn.py; docs/METHODS.md §3.3 lists every difference."""
+operation (docs/METHODS.md §3.2).  The default mode's versions are in localize.py, finetune.py (with
+sgd_loop.py) and unlearn.py; docs/METHODS.md §3.3 lists every difference."""
 
 from __future__ import annotations
 
