@@ -7,6 +7,7 @@
   of the copy's bandwidth counting 3 reads + 1 write against 1 read + 1 write (extra_info).
 - accumulate_importance_ against torch._foreach_addcmul_; perturb (x [128, 3, 32, 32], N = 25)
   against randn + add + clamp + norm; the fused Lipschitz loss and gradient against the pure-PyTorch tier.
+- jit (float32, bfloat16, float16) and ssd end to end (float32, bfloat16) on the same ResNet-18.
 
     python -m pytest benchmarks/bench_cuda.py --benchmark-only --benchmark-json=bench-cuda.json
     python benchmarks/ratios.py bench-cuda.json
@@ -15,12 +16,14 @@
 import copy
 import statistics
 import time
+import warnings
 
 import pytest
 import torch
 from bench_jit import _floor  # the floor's definition, shared with the CPU benchmarks
+from torch.utils.data import TensorDataset
 
-from jit_unlearn import _backend, jit, ops
+from jit_unlearn import _backend, jit, ops, ssd
 from jit_unlearn.models import ResNet18
 
 pytestmark = [
@@ -108,6 +111,38 @@ def test_jit_resnet18_paired(benchmark, jit_case):
         ratio_of_medians=statistics.median(default_times) / statistics.median(floor_times),
         median_paired_ratio=statistics.median(ratios),
     )
+
+
+# ---------------------------------------------------------------- reduced precision (tensor cores)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16"])
+def test_jit_resnet18_precision(benchmark, jit_case, precision):
+    """jit's default mode in each precision (docs/METHODS.md §7.1); ratios within the group."""
+    model, forget, _, _ = jit_case
+    benchmark.group = "jit-cuda-resnet18-precision"
+
+    def run(m):
+        jit(m, forget, sigma=SIGMA, lr=LR, num_samples=N, batch_size=BATCH, precision=precision, progress=False)
+
+    _pedantic(benchmark, run, setup=lambda: ((copy.deepcopy(model),), {}), rounds=5)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_ssd_resnet18_precision(benchmark, jit_case, precision):
+    """ssd end to end (full set: the 512 forget-case images, forget: the first 128) in each precision
+    (float16 would change nothing: its graded passes stay float32)."""
+    model, images, _, _ = jit_case
+    labels = torch.randint(0, 10, (images.shape[0],), generator=torch.Generator().manual_seed(1)).cuda()
+    full, part = TensorDataset(images, labels), TensorDataset(images[:BATCH], labels[:BATCH])
+    benchmark.group = "ssd-cuda-resnet18-precision"
+
+    def run(m):
+        with warnings.catch_warnings():  # random weights: the selection may be empty
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ssd(m, part, full, batch_size=BATCH, precision=precision, progress=False)
+
+    _pedantic(benchmark, run, setup=lambda: ((copy.deepcopy(model),), {}), rounds=5)
 
 
 # ---------------------------------------------------------------- multi-tensor ops on ResNet-18 parameters
